@@ -1,0 +1,76 @@
+//! Events sent to userspace through the ring buffer, verdict and reason codes, counters.
+
+use crate::Addr;
+
+pub const EVENT_NEW_DESTINATION: u32 = 1;
+pub const EVENT_DENIED: u32 = 2;
+pub const EVENT_WOULD_DENY: u32 = 3;
+
+pub const VERDICT_ALLOW: u8 = 1;
+pub const VERDICT_DENY: u8 = 2;
+/// Allowed because the workload is in audit mode; strict would deny.
+pub const VERDICT_WOULD_DENY: u8 = 3;
+
+pub const REASON_ALLOW_RULE: u32 = 1;
+pub const REASON_NO_RULE: u32 = 2;
+pub const REASON_DENY_LIST: u32 = 3;
+pub const REASON_RAW_SOCKET: u32 = 4;
+/// Kernel-generated control traffic (TCP RST, ICMP errors, neighbour discovery).
+pub const REASON_CONTROL: u32 = 5;
+/// Reply on an accepted (inbound) connection.
+pub const REASON_INBOUND: u32 = 6;
+pub const REASON_LEARNING: u32 = 7;
+
+pub const HOOK_CONNECT4: u32 = 1;
+pub const HOOK_CONNECT6: u32 = 2;
+pub const HOOK_SENDMSG4: u32 = 3;
+pub const HOOK_SENDMSG6: u32 = 4;
+pub const HOOK_EGRESS: u32 = 5;
+pub const HOOK_SOCK_CREATE: u32 = 6;
+
+/// A record in the `EVENTS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    pub timestamp_ns: u64,
+    pub cgroup_id: u64,
+    pub tgid: u32,
+    pub tid: u32,
+    pub workload: u32,
+    pub kind: u32,
+    pub reason: u32,
+    pub hook: u32,
+    pub mode: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub src_addr: Addr,
+    pub dst_addr: Addr,
+    pub comm: [u8; 16],
+    /// IP protocol number (for `HOOK_SOCK_CREATE`: the socket's protocol).
+    pub protocol: u8,
+    pub verdict: u8,
+    /// 4 or 6: the family of the packet or sockaddr (an IPv4-mapped destination is 4).
+    pub family: u8,
+    /// Socket type (SOCK_STREAM 1, SOCK_DGRAM 2, SOCK_RAW 3) where known, else 0.
+    pub socket_type: u8,
+    pub reserved: u32,
+}
+const _: () = assert!(core::mem::size_of::<Event>() == 104);
+
+pub const RING_BUFFER_BYTES: u32 = 1 << 22;
+
+// Indexes of the per-CPU `COUNTERS` array.
+pub const COUNTER_EVENTS: u32 = 0;
+pub const COUNTER_RING_DROPS: u32 = 1;
+pub const COUNTER_ALLOWED: u32 = 2;
+pub const COUNTER_DENIED: u32 = 3;
+pub const COUNTER_WOULD_DENY: u32 = 4;
+pub const COUNTER_CACHE_HITS: u32 = 5;
+pub const COUNTER_STORAGE_FAILURES: u32 = 6;
+pub const COUNTERS_LEN: u32 = 8;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain-old-data, repr(C), no padding (asserted above).
+    unsafe impl aya::Pod for super::Event {}
+}

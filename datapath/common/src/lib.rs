@@ -1,0 +1,30 @@
+//! Types shared by the eBPF programs (`egressd-ebpf`) and the userspace datapath
+//! (`egressd-datapath`). Every type is `#[repr(C)]`, `Copy`, and sized so that it has no
+//! implicit padding: a const assertion next to each one catches drift.
+//!
+//! Numeric codes here (modes, verdicts, reasons, hooks, counters) are a versioned contract
+//! between kernel and userspace and with pinned state: never renumber, retire instead.
+#![no_std]
+
+pub mod event;
+pub mod policy;
+pub mod socket;
+
+/// Addresses are kept as 16 bytes; IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`) so that an
+/// IPv4-mapped IPv6 destination and the same IPv4 destination are one key.
+pub type Addr = [u8; 16];
+
+/// The IPv4-mapped prefix `::ffff:0:0/96`.
+pub const V4_MAPPED_PREFIX: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
+
+/// `a.b.c.d` (network byte order bytes) as an IPv4-mapped 16-byte address.
+#[inline(always)]
+pub const fn v4_mapped(octets: [u8; 4]) -> Addr {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],
+    ]
+}
+
+/// Bumped whenever a map layout or a numeric code changes meaning; recorded by userspace so
+/// that pinned state from another layout is never misread.
+pub const LAYOUT_VERSION: u32 = 1;

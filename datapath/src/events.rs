@@ -1,0 +1,319 @@
+//! Decoding the kernel's event records and reading them without blocking the datapath.
+
+use std::net::{IpAddr, Ipv6Addr};
+use std::time::{Duration, SystemTime};
+
+use aya::maps::{MapData, RingBuf};
+use egressd_common::event as raw;
+use egressd_policy::{IPPROTO_TCP, IPPROTO_UDP, Mode};
+use tokio::io::{Interest, unix::AsyncFd};
+
+use crate::{DatapathError, mode_from_raw};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    NewDestination,
+    Denied,
+    WouldDeny,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Allow,
+    Deny,
+    WouldDeny,
+}
+
+/// Why a verdict was reached (the kernel's reason codes, a versioned contract).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    AllowRule,
+    NoRule,
+    DenyList,
+    RawSocket,
+    Control,
+    Inbound,
+    Learning,
+    Unknown(u32),
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::AllowRule => "allow_rule",
+            Reason::NoRule => "no_rule",
+            Reason::DenyList => "deny_list",
+            Reason::RawSocket => "raw_socket",
+            Reason::Control => "control",
+            Reason::Inbound => "inbound",
+            Reason::Learning => "learning",
+            Reason::Unknown(_) => "unknown",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    Connect4,
+    Connect6,
+    Sendmsg4,
+    Sendmsg6,
+    Egress,
+    SockCreate,
+    Unknown(u32),
+}
+
+impl Hook {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Hook::Connect4 => "connect4",
+            Hook::Connect6 => "connect6",
+            Hook::Sendmsg4 => "sendmsg4",
+            Hook::Sendmsg6 => "sendmsg6",
+            Hook::Egress => "egress",
+            Hook::SockCreate => "sock_create",
+            Hook::Unknown(_) => "unknown",
+        }
+    }
+}
+
+/// One decoded event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub kind: EventKind,
+    pub time: SystemTime,
+    pub cgroup_id: u64,
+    pub tgid: u32,
+    pub tid: u32,
+    pub comm: String,
+    /// Workload id as given to `Datapath::apply`.
+    pub workload: u32,
+    /// IP protocol number.
+    pub protocol: u8,
+    /// 1 stream, 2 datagram, 3 raw; 0 unknown.
+    pub socket_type: u8,
+    pub source: Option<IpAddr>,
+    pub source_port: Option<u16>,
+    /// None for a refused raw socket creation, which has no destination.
+    pub destination: Option<IpAddr>,
+    pub destination_port: Option<u16>,
+    pub verdict: Verdict,
+    pub reason: Reason,
+    pub hook: Hook,
+    pub mode: Mode,
+}
+
+fn address(bytes: [u8; 16], family: u8) -> Option<IpAddr> {
+    if bytes == [0; 16] {
+        return None;
+    }
+    let v6 = Ipv6Addr::from(bytes);
+    match (family, v6.to_ipv4_mapped()) {
+        (4, Some(v4)) => Some(IpAddr::V4(v4)),
+        _ => Some(IpAddr::V6(v6)),
+    }
+}
+
+/// Converts the kernel's monotonic timestamps to wall-clock time.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Clock {
+    boot_offset: Option<SystemTime>,
+}
+
+impl Clock {
+    pub(crate) fn new() -> Self {
+        let mut now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes into the timespec we own.
+        let ok = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) } == 0;
+        let since_boot = Duration::new(now.tv_sec as u64, now.tv_nsec as u32);
+        Clock {
+            boot_offset: ok
+                .then(|| SystemTime::now().checked_sub(since_boot))
+                .flatten(),
+        }
+    }
+
+    fn wall(&self, monotonic_ns: u64) -> SystemTime {
+        match self.boot_offset {
+            Some(boot) => boot + Duration::from_nanos(monotonic_ns),
+            None => SystemTime::now(),
+        }
+    }
+}
+
+pub(crate) fn decode(bytes: &[u8], clock: &Clock) -> Result<Event, DatapathError> {
+    if bytes.len() < size_of::<raw::Event>() {
+        return Err(DatapathError::ShortEvent { len: bytes.len() });
+    }
+    // SAFETY: length checked; Event is plain old data; read_unaligned copes with alignment.
+    let event: raw::Event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    let kind = match event.kind {
+        raw::EVENT_NEW_DESTINATION => EventKind::NewDestination,
+        raw::EVENT_DENIED => EventKind::Denied,
+        raw::EVENT_WOULD_DENY => EventKind::WouldDeny,
+        other => return Err(DatapathError::UnknownEventKind { kind: other }),
+    };
+    let verdict = match event.verdict {
+        raw::VERDICT_DENY => Verdict::Deny,
+        raw::VERDICT_WOULD_DENY => Verdict::WouldDeny,
+        _ => Verdict::Allow,
+    };
+    let reason = match event.reason {
+        raw::REASON_ALLOW_RULE => Reason::AllowRule,
+        raw::REASON_NO_RULE => Reason::NoRule,
+        raw::REASON_DENY_LIST => Reason::DenyList,
+        raw::REASON_RAW_SOCKET => Reason::RawSocket,
+        raw::REASON_CONTROL => Reason::Control,
+        raw::REASON_INBOUND => Reason::Inbound,
+        raw::REASON_LEARNING => Reason::Learning,
+        other => Reason::Unknown(other),
+    };
+    let hook = match event.hook {
+        raw::HOOK_CONNECT4 => Hook::Connect4,
+        raw::HOOK_CONNECT6 => Hook::Connect6,
+        raw::HOOK_SENDMSG4 => Hook::Sendmsg4,
+        raw::HOOK_SENDMSG6 => Hook::Sendmsg6,
+        raw::HOOK_EGRESS => Hook::Egress,
+        raw::HOOK_SOCK_CREATE => Hook::SockCreate,
+        other => Hook::Unknown(other),
+    };
+    let has_ports = matches!(event.protocol, IPPROTO_TCP | IPPROTO_UDP) && hook != Hook::SockCreate;
+    let comm_len = event.comm.iter().position(|&b| b == 0).unwrap_or(16);
+    let source = address(event.src_addr, event.family);
+    Ok(Event {
+        kind,
+        time: clock.wall(event.timestamp_ns),
+        cgroup_id: event.cgroup_id,
+        tgid: event.tgid,
+        tid: event.tid,
+        comm: String::from_utf8_lossy(&event.comm[..comm_len]).into_owned(),
+        workload: event.workload,
+        protocol: event.protocol,
+        socket_type: event.socket_type,
+        source_port: (has_ports && source.is_some()).then_some(event.src_port),
+        source,
+        destination: address(event.dst_addr, event.family),
+        destination_port: has_ports.then_some(event.dst_port),
+        verdict,
+        reason,
+        hook,
+        mode: mode_from_raw(event.mode),
+    })
+}
+
+/// The kernel's event ring buffer, read asynchronously. The kernel never waits for it: when it
+/// is full, events are dropped and counted (`Counters::ring_buffer_drops`).
+pub struct EventStream {
+    ring: AsyncFd<RingBuf<MapData>>,
+    clock: Clock,
+}
+
+impl EventStream {
+    pub(crate) fn new(ring: RingBuf<MapData>, clock: Clock) -> Result<Self, DatapathError> {
+        Ok(EventStream {
+            // SAFETY: the ring buffer owns its map fd, which stays open and unchanged for as
+            // long as the AsyncFd owns the ring buffer.
+            ring: unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }.map_err(
+                |error| DatapathError::Io {
+                    what: "registering the event ring buffer with the runtime",
+                    source: error.into_parts().1,
+                },
+            )?,
+            clock,
+        })
+    }
+
+    /// Waits for events and appends every available one to `out` (at most `max`).
+    /// Records that cannot be decoded are counted in the returned error-free tally.
+    pub async fn next_batch(
+        &mut self,
+        out: &mut Vec<Event>,
+        max: usize,
+    ) -> Result<usize, DatapathError> {
+        let mut undecodable = 0;
+        loop {
+            let mut guard = self
+                .ring
+                .readable_mut()
+                .await
+                .map_err(|source| DatapathError::Io {
+                    what: "waiting for the event ring buffer",
+                    source,
+                })?;
+            let ring = guard.get_inner_mut();
+            let mut read = 0;
+            while read < max {
+                let Some(item) = ring.next() else { break };
+                read += 1;
+                match decode(&item, &self.clock) {
+                    Ok(event) => out.push(event),
+                    Err(_) => undecodable += 1,
+                }
+            }
+            if read < max {
+                guard.clear_ready();
+            }
+            if read > 0 {
+                return Ok(undecodable);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw_bytes(event: &raw::Event) -> Vec<u8> {
+        // SAFETY: Event is plain old data without padding.
+        unsafe {
+            std::slice::from_raw_parts(
+                (event as *const raw::Event).cast::<u8>(),
+                size_of::<raw::Event>(),
+            )
+        }
+        .to_vec()
+    }
+
+    #[test]
+    fn decodes_a_denied_ipv4_connect() {
+        let mut comm = [0u8; 16];
+        comm[..4].copy_from_slice(b"curl");
+        let event = raw::Event {
+            kind: raw::EVENT_DENIED,
+            verdict: raw::VERDICT_DENY,
+            reason: raw::REASON_NO_RULE,
+            hook: raw::HOOK_CONNECT6,
+            mode: egressd_common::policy::MODE_STRICT,
+            protocol: IPPROTO_TCP,
+            family: 4,
+            dst_addr: egressd_common::v4_mapped([127, 0, 0, 9]),
+            dst_port: 80,
+            comm,
+            tgid: 42,
+            workload: 3,
+            ..Default::default()
+        };
+        let decoded = decode(&raw_bytes(&event), &Clock::new()).expect("decodes");
+        assert_eq!(decoded.kind, EventKind::Denied);
+        assert_eq!(decoded.destination, Some("127.0.0.9".parse().expect("ip")));
+        assert_eq!(decoded.destination_port, Some(80));
+        assert_eq!(decoded.comm, "curl");
+        assert_eq!(decoded.hook, Hook::Connect6);
+        assert_eq!(decoded.mode, Mode::Strict);
+        assert_eq!(decoded.source, None);
+    }
+
+    #[test]
+    fn short_and_unknown_records_are_errors_not_panics() {
+        assert!(decode(&[0u8; 8], &Clock::new()).is_err());
+        let event = raw::Event {
+            kind: 99,
+            ..Default::default()
+        };
+        assert!(decode(&raw_bytes(&event), &Clock::new()).is_err());
+    }
+}

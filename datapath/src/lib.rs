@@ -1,0 +1,657 @@
+//! egressd's datapath: loads the eBPF programs, attaches them at the cgroup v2 root and owns
+//! every map. Callers speak in domain terms (workloads, CIDR rules, modes); map layouts stay
+//! here and in `egressd-common`.
+
+mod events;
+mod rules;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf},
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, ProgramError,
+        SockOps,
+    },
+};
+use egressd_common::{
+    LAYOUT_VERSION, event as counters,
+    policy::{
+        AllowKey, AllowValue, DenyKey, MAX_WORKLOADS, MODE_AUDIT, MODE_LEARNING, MODE_STRICT,
+        NO_WORKLOAD, Settings, WORKLOAD_FLAG_ACTIVE, WORKLOAD_FLAG_RAW_SOCKETS, WorkloadConfig,
+    },
+};
+use egressd_policy::Mode;
+use ipnet::IpNet;
+
+pub use events::{Event, EventKind, EventStream, Hook, Reason, Verdict};
+pub use rules::CidrRule;
+use rules::Prefix;
+
+/// The compiled eBPF object.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egressd-ebpf"));
+
+/// Largest workload id the datapath accepts.
+pub const MAX_WORKLOAD_ID: u32 = MAX_WORKLOADS - 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("loading the eBPF object failed: {0}")]
+    Load(#[source] Box<aya::EbpfError>),
+    #[error("eBPF program {name} is missing from the object")]
+    MissingProgram { name: &'static str },
+    #[error("eBPF program {name}: {action} failed: {source}")]
+    Program {
+        name: &'static str,
+        action: &'static str,
+        #[source]
+        source: Box<ProgramError>,
+    },
+    #[error("eBPF map {name} is missing from the object")]
+    MissingMap { name: &'static str },
+    #[error("eBPF map {name}: {action} failed: {source}")]
+    Map {
+        name: &'static str,
+        action: &'static str,
+        #[source]
+        source: Box<MapError>,
+    },
+    #[error("opening the cgroup v2 root {path}: {source}")]
+    CgroupRoot {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "workload {workload}: prefix {prefix} needs {count} port rules (with the rules of the \
+         prefixes that cover it); the datapath holds at most {limit} per prefix: merge port ranges \
+         or split the prefix"
+    )]
+    TooManyPortRules {
+        workload: String,
+        prefix: String,
+        count: usize,
+        limit: usize,
+    },
+    #[error("workload id {id} is outside 1..={MAX_WORKLOAD_ID}")]
+    WorkloadIdOutOfRange { id: u32 },
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("event record of {len} bytes is too short")]
+    ShortEvent { len: usize },
+    #[error("event record has unknown kind {kind}")]
+    UnknownEventKind { kind: u32 },
+    #[error(
+        "no cgroup v2 file system is mounted (none in /proc/self/mounts); egressd needs cgroup v2"
+    )]
+    NoCgroup2,
+    #[error("the event stream was already taken")]
+    EventsTaken,
+}
+
+fn map_err(name: &'static str, action: &'static str) -> impl FnOnce(MapError) -> DatapathError {
+    move |source| DatapathError::Map {
+        name,
+        action,
+        source: Box::new(source),
+    }
+}
+
+fn program_err(
+    name: &'static str,
+    action: &'static str,
+) -> impl FnOnce(ProgramError) -> DatapathError {
+    move |source| DatapathError::Program {
+        name,
+        action,
+        source: Box::new(source),
+    }
+}
+
+pub(crate) fn mode_to_raw(mode: Mode) -> u32 {
+    match mode {
+        Mode::Learning => MODE_LEARNING,
+        Mode::Audit => MODE_AUDIT,
+        Mode::Strict => MODE_STRICT,
+    }
+}
+
+pub(crate) fn mode_from_raw(mode: u32) -> Mode {
+    match mode {
+        MODE_AUDIT => Mode::Audit,
+        MODE_STRICT => Mode::Strict,
+        _ => Mode::Learning,
+    }
+}
+
+/// One workload as the datapath enforces it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkloadSpec {
+    /// Stable id, 1..=MAX_WORKLOAD_ID, chosen by the caller.
+    pub id: u32,
+    pub name: String,
+    pub mode: Mode,
+    pub raw_sockets: bool,
+    /// The workload's own cgroups (descendants are found by the kernel).
+    pub cgroup_ids: Vec<u64>,
+    pub rules: Vec<CidrRule>,
+}
+
+/// Everything the datapath enforces.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DatapathPolicy {
+    pub workloads: Vec<WorkloadSpec>,
+    /// Denied for every workload.
+    pub deny: Vec<IpNet>,
+    /// Workload for processes in no workload, or None to leave them alone.
+    pub unmatched: Option<u32>,
+}
+
+/// What an `apply` changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApplyStats {
+    pub allow_entries: usize,
+    pub allow_written: usize,
+    pub allow_removed: usize,
+    pub cgroups: usize,
+    pub generation: u32,
+}
+
+/// Totals over all CPUs of the kernel's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub events: u64,
+    pub ring_buffer_drops: u64,
+    pub allowed: u64,
+    pub denied: u64,
+    pub would_deny: u64,
+    pub cache_hits: u64,
+    pub storage_failures: u64,
+}
+
+const SOCK_ADDR_PROGRAMS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    cgroup_root: PathBuf,
+    programs: Vec<String>,
+    workload_cgroups: HashMap<MapData, u64, u32>,
+    workloads: Array<MapData, WorkloadConfig>,
+    settings_map: Array<MapData, Settings>,
+    allow: LpmTrie<MapData, AllowKey, AllowValue>,
+    deny: LpmTrie<MapData, DenyKey, u32>,
+    counters: PerCpuArray<MapData, u64>,
+    events: Option<RingBuf<MapData>>,
+    clock: events::Clock,
+    // Mirrors of what the maps hold, so `apply` writes only differences.
+    installed_allow: BTreeMap<(u32, Prefix), AllowValue>,
+    installed_deny: BTreeSet<Prefix>,
+    installed_cgroups: BTreeMap<u64, u32>,
+    installed_workloads: BTreeMap<u32, WorkloadConfig>,
+    settings: Settings,
+}
+
+impl std::fmt::Debug for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datapath")
+            .field("cgroup_root", &self.cgroup_root)
+            .field("programs", &self.programs)
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Datapath {
+    /// Loads the programs and attaches every one of them at `cgroup_root` (a cgroup v2 mount).
+    /// Nothing is enforced until `apply` installs a policy: every workload map starts empty.
+    pub fn load(cgroup_root: &Path) -> Result<Self, DatapathError> {
+        raise_memlock_limit();
+        let mut ebpf = EbpfLoader::new()
+            .load(EBPF_OBJECT)
+            .map_err(|e| DatapathError::Load(Box::new(e)))?;
+
+        let mut maps = MapSet { ebpf: &mut ebpf };
+        let workload_cgroups = HashMap::try_from(maps.take("WORKLOAD_CGROUPS")?)
+            .map_err(map_err("WORKLOAD_CGROUPS", "opening"))?;
+        let workloads =
+            Array::try_from(maps.take("WORKLOADS")?).map_err(map_err("WORKLOADS", "opening"))?;
+        let mut settings_map =
+            Array::try_from(maps.take("SETTINGS")?).map_err(map_err("SETTINGS", "opening"))?;
+        let allow = LpmTrie::try_from(maps.take("ALLOW")?).map_err(map_err("ALLOW", "opening"))?;
+        let deny = LpmTrie::try_from(maps.take("DENY")?).map_err(map_err("DENY", "opening"))?;
+        let counters = PerCpuArray::try_from(maps.take("COUNTERS")?)
+            .map_err(map_err("COUNTERS", "opening"))?;
+        let events =
+            RingBuf::try_from(maps.take("EVENTS")?).map_err(map_err("EVENTS", "opening"))?;
+
+        let settings = Settings {
+            generation: 1,
+            unmatched_workload: NO_WORKLOAD,
+            layout_version: LAYOUT_VERSION,
+            reserved: 0,
+        };
+        settings_map
+            .set(0, settings, 0)
+            .map_err(map_err("SETTINGS", "writing"))?;
+
+        let cgroup = File::open(cgroup_root).map_err(|source| DatapathError::CgroupRoot {
+            path: cgroup_root.to_owned(),
+            source,
+        })?;
+        let mut programs = Vec::new();
+        attach_all(&mut ebpf, &cgroup, &mut programs)?;
+
+        Ok(Datapath {
+            ebpf,
+            cgroup_root: cgroup_root.to_owned(),
+            programs,
+            workload_cgroups,
+            workloads,
+            settings_map,
+            allow,
+            deny,
+            counters,
+            events: Some(events),
+            clock: events::Clock::new(),
+            installed_allow: BTreeMap::new(),
+            installed_deny: BTreeSet::new(),
+            installed_cgroups: BTreeMap::new(),
+            installed_workloads: BTreeMap::new(),
+            settings,
+        })
+    }
+
+    pub fn cgroup_root(&self) -> &Path {
+        &self.cgroup_root
+    }
+
+    /// The attached programs, as `name (attach point)`.
+    pub fn programs(&self) -> &[String] {
+        &self.programs
+    }
+
+    /// The kernel log of the programs (aya-log), to be forwarded to the `log` facade.
+    pub fn take_kernel_log(&mut self) -> Option<KernelLog> {
+        aya_log::EbpfLogger::init(&mut self.ebpf)
+            .ok()
+            // SAFETY: the logger owns its ring buffer fd for as long as the AsyncFd owns it.
+            .and_then(|logger| {
+                unsafe {
+                    tokio::io::unix::AsyncFd::register_with_interest(
+                        logger,
+                        tokio::io::Interest::READABLE,
+                    )
+                }
+                .ok()
+            })
+            .map(|logger| KernelLog { logger })
+    }
+
+    /// The event stream; can be taken once.
+    pub fn take_events(&mut self) -> Result<EventStream, DatapathError> {
+        let ring = self.events.take().ok_or(DatapathError::EventsTaken)?;
+        EventStream::new(ring, self.clock)
+    }
+
+    /// Makes the maps hold exactly `policy`, writing only what differs from what they hold.
+    ///
+    /// Order keeps every lookup answering per the old or the new policy: new and changed
+    /// entries first, then removals, then the generation bump that makes sockets re-check
+    /// their cached verdicts.
+    pub fn apply(&mut self, policy: &DatapathPolicy) -> Result<ApplyStats, DatapathError> {
+        // Compile everything before touching a map, so an error changes nothing.
+        let mut desired_allow: BTreeMap<(u32, Prefix), AllowValue> = BTreeMap::new();
+        let mut desired_workloads: BTreeMap<u32, WorkloadConfig> = BTreeMap::new();
+        let mut desired_cgroups: BTreeMap<u64, u32> = BTreeMap::new();
+        for workload in &policy.workloads {
+            if workload.id == NO_WORKLOAD || workload.id > MAX_WORKLOAD_ID {
+                return Err(DatapathError::WorkloadIdOutOfRange { id: workload.id });
+            }
+            for (prefix, value) in rules::compile_workload(&workload.name, &workload.rules)? {
+                desired_allow.insert((workload.id, prefix), value);
+            }
+            desired_workloads.insert(
+                workload.id,
+                workload_config(workload.mode, workload.raw_sockets),
+            );
+            for &cgroup_id in &workload.cgroup_ids {
+                desired_cgroups.insert(cgroup_id, workload.id);
+            }
+        }
+        if let Some(id) = policy.unmatched
+            && !desired_workloads.contains_key(&id)
+        {
+            return Err(DatapathError::WorkloadIdOutOfRange { id });
+        }
+        let desired_deny: BTreeSet<Prefix> = policy.deny.iter().map(rules::to_prefix).collect();
+
+        let mut stats = ApplyStats {
+            allow_entries: desired_allow.len(),
+            cgroups: desired_cgroups.len(),
+            ..Default::default()
+        };
+
+        for (&id, config) in &desired_workloads {
+            if self.installed_workloads.get(&id) != Some(config) {
+                self.workloads
+                    .set(id, config, 0)
+                    .map_err(map_err("WORKLOADS", "writing"))?;
+                self.installed_workloads.insert(id, *config);
+            }
+        }
+        for (key, value) in &desired_allow {
+            if self.installed_allow.get(key) != Some(value) {
+                self.allow
+                    .insert(&rules::allow_key(key.0, &key.1), value, 0)
+                    .map_err(map_err("ALLOW", "inserting"))?;
+                self.installed_allow.insert(*key, *value);
+                stats.allow_written += 1;
+            }
+        }
+        for prefix in &desired_deny {
+            if !self.installed_deny.contains(prefix) {
+                self.deny
+                    .insert(&rules::deny_key(prefix), 1, 0)
+                    .map_err(map_err("DENY", "inserting"))?;
+                self.installed_deny.insert(*prefix);
+            }
+        }
+        self.sync_cgroup_map(&desired_cgroups)?;
+
+        let stale_allow: Vec<(u32, Prefix)> = self
+            .installed_allow
+            .keys()
+            .filter(|key| !desired_allow.contains_key(key))
+            .copied()
+            .collect();
+        for key in stale_allow {
+            remove_ignoring_absent(self.allow.remove(&rules::allow_key(key.0, &key.1)))
+                .map_err(map_err("ALLOW", "removing"))?;
+            self.installed_allow.remove(&key);
+            stats.allow_removed += 1;
+        }
+        let stale_deny: Vec<Prefix> = self
+            .installed_deny
+            .difference(&desired_deny)
+            .copied()
+            .collect();
+        for prefix in stale_deny {
+            remove_ignoring_absent(self.deny.remove(&rules::deny_key(&prefix)))
+                .map_err(map_err("DENY", "removing"))?;
+            self.installed_deny.remove(&prefix);
+        }
+        let stale_workloads: Vec<u32> = self
+            .installed_workloads
+            .keys()
+            .filter(|id| !desired_workloads.contains_key(id))
+            .copied()
+            .collect();
+        for id in stale_workloads {
+            self.workloads
+                .set(id, WorkloadConfig::default(), 0)
+                .map_err(map_err("WORKLOADS", "clearing"))?;
+            self.installed_workloads.remove(&id);
+        }
+
+        self.settings.unmatched_workload = policy.unmatched.unwrap_or(NO_WORKLOAD);
+        self.bump_generation()?;
+        stats.generation = self.settings.generation;
+        Ok(stats)
+    }
+
+    /// Replaces the cgroup → workload table alone (new cgroups that match a workload's glob).
+    pub fn set_workload_cgroups(
+        &mut self,
+        cgroups: &BTreeMap<u64, u32>,
+    ) -> Result<(), DatapathError> {
+        if *cgroups == self.installed_cgroups {
+            return Ok(());
+        }
+        self.sync_cgroup_map(cgroups)?;
+        self.bump_generation()
+    }
+
+    /// Switches one workload's mode: one map write.
+    pub fn set_mode(
+        &mut self,
+        id: u32,
+        mode: Mode,
+        raw_sockets: bool,
+    ) -> Result<(), DatapathError> {
+        if id == NO_WORKLOAD || id > MAX_WORKLOAD_ID {
+            return Err(DatapathError::WorkloadIdOutOfRange { id });
+        }
+        let config = workload_config(mode, raw_sockets);
+        self.workloads
+            .set(id, config, 0)
+            .map_err(map_err("WORKLOADS", "writing"))?;
+        self.installed_workloads.insert(id, config);
+        self.bump_generation()
+    }
+
+    pub fn counters(&self) -> Result<Counters, DatapathError> {
+        let total = |index: u32| -> Result<u64, DatapathError> {
+            let values = self
+                .counters
+                .get(&index, 0)
+                .map_err(map_err("COUNTERS", "reading"))?;
+            Ok(values.iter().copied().fold(0u64, u64::wrapping_add))
+        };
+        Ok(Counters {
+            events: total(counters::COUNTER_EVENTS)?,
+            ring_buffer_drops: total(counters::COUNTER_RING_DROPS)?,
+            allowed: total(counters::COUNTER_ALLOWED)?,
+            denied: total(counters::COUNTER_DENIED)?,
+            would_deny: total(counters::COUNTER_WOULD_DENY)?,
+            cache_hits: total(counters::COUNTER_CACHE_HITS)?,
+            storage_failures: total(counters::COUNTER_STORAGE_FAILURES)?,
+        })
+    }
+
+    fn sync_cgroup_map(&mut self, desired: &BTreeMap<u64, u32>) -> Result<(), DatapathError> {
+        for (&cgroup_id, &workload) in desired {
+            if self.installed_cgroups.get(&cgroup_id) != Some(&workload) {
+                self.workload_cgroups
+                    .insert(cgroup_id, workload, 0)
+                    .map_err(map_err("WORKLOAD_CGROUPS", "inserting"))?;
+                self.installed_cgroups.insert(cgroup_id, workload);
+            }
+        }
+        let stale: Vec<u64> = self
+            .installed_cgroups
+            .keys()
+            .filter(|id| !desired.contains_key(id))
+            .copied()
+            .collect();
+        for cgroup_id in stale {
+            remove_ignoring_absent(self.workload_cgroups.remove(&cgroup_id))
+                .map_err(map_err("WORKLOAD_CGROUPS", "removing"))?;
+            self.installed_cgroups.remove(&cgroup_id);
+        }
+        Ok(())
+    }
+
+    fn bump_generation(&mut self) -> Result<(), DatapathError> {
+        let mut next = self.settings;
+        // Generation 0 is what a never-checked socket holds; skip it on wrap-around.
+        next.generation = next.generation.wrapping_add(1).max(1);
+        self.settings_map
+            .set(0, next, 0)
+            .map_err(map_err("SETTINGS", "writing"))?;
+        self.settings = next;
+        Ok(())
+    }
+}
+
+fn workload_config(mode: Mode, raw_sockets: bool) -> WorkloadConfig {
+    WorkloadConfig {
+        mode: mode_to_raw(mode),
+        flags: WORKLOAD_FLAG_ACTIVE
+            | if raw_sockets {
+                WORKLOAD_FLAG_RAW_SOCKETS
+            } else {
+                0
+            },
+    }
+}
+
+fn remove_ignoring_absent(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(ref e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+struct MapSet<'a> {
+    ebpf: &'a mut Ebpf,
+}
+
+impl MapSet<'_> {
+    fn take(&mut self, name: &'static str) -> Result<aya::maps::Map, DatapathError> {
+        self.ebpf
+            .take_map(name)
+            .ok_or(DatapathError::MissingMap { name })
+    }
+}
+
+fn attach_all(
+    ebpf: &mut Ebpf,
+    cgroup: &File,
+    attached: &mut Vec<String>,
+) -> Result<(), DatapathError> {
+    // bpf_link attachments coexist with other programs on the same cgroup (the kernel attaches
+    // links in multi mode); `Single` is aya's name for "no flags".
+    let mode = CgroupAttachMode::Single;
+
+    for name in SOCK_ADDR_PROGRAMS {
+        let program: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::MissingProgram { name })?
+            .try_into()
+            .map_err(program_err(name, "type check"))?;
+        program.load().map_err(program_err(name, "loading"))?;
+        program
+            .attach(cgroup, mode)
+            .map_err(program_err(name, "attaching"))?;
+        attached.push(format!("{name} (cgroup/{name})"));
+    }
+
+    let name = "sock_create";
+    let program: &mut CgroupSock = ebpf
+        .program_mut(name)
+        .ok_or(DatapathError::MissingProgram { name })?
+        .try_into()
+        .map_err(program_err(name, "type check"))?;
+    program.load().map_err(program_err(name, "loading"))?;
+    program
+        .attach(cgroup, mode)
+        .map_err(program_err(name, "attaching"))?;
+    attached.push("sock_create (cgroup/sock_create)".to_owned());
+
+    let name = "sock_ops";
+    let program: &mut SockOps = ebpf
+        .program_mut(name)
+        .ok_or(DatapathError::MissingProgram { name })?
+        .try_into()
+        .map_err(program_err(name, "type check"))?;
+    program.load().map_err(program_err(name, "loading"))?;
+    program
+        .attach(cgroup, mode)
+        .map_err(program_err(name, "attaching"))?;
+    attached.push("sock_ops (sockops)".to_owned());
+
+    for (name, attach_type) in [
+        ("egress", CgroupSkbAttachType::Egress),
+        ("ingress", CgroupSkbAttachType::Ingress),
+    ] {
+        let program: &mut CgroupSkb = ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::MissingProgram { name })?
+            .try_into()
+            .map_err(program_err(name, "type check"))?;
+        program.load().map_err(program_err(name, "loading"))?;
+        program
+            .attach(cgroup, attach_type, mode)
+            .map_err(program_err(name, "attaching"))?;
+        attached.push(format!("{name} (cgroup_skb/{name})"));
+    }
+    Ok(())
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads the struct we own. Failure only matters on old kernels, where
+    // loading then fails with a clear EPERM.
+    let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+}
+
+/// Log records from the eBPF programs, forwarded to the `log` facade.
+pub struct KernelLog {
+    logger: tokio::io::unix::AsyncFd<aya_log::EbpfLogger<&'static dyn log::Log>>,
+}
+
+impl KernelLog {
+    /// Forwards records until the runtime shuts down.
+    pub async fn run(mut self) {
+        loop {
+            let Ok(mut guard) = self.logger.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    }
+}
+
+/// The cgroup v2 mount point, read from /proc/self/mounts (hybrid hosts mount it at
+/// /sys/fs/cgroup/unified, unified ones at /sys/fs/cgroup).
+pub fn cgroup2_mount() -> Result<PathBuf, DatapathError> {
+    let mounts =
+        std::fs::read_to_string("/proc/self/mounts").map_err(|source| DatapathError::Io {
+            what: "reading /proc/self/mounts",
+            source,
+        })?;
+    cgroup2_mount_in(&mounts).ok_or(DatapathError::NoCgroup2)
+}
+
+fn cgroup2_mount_in(mounts: &str) -> Option<PathBuf> {
+    mounts.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let (_device, mount_point, fs_type) = (fields.next()?, fields.next()?, fields.next()?);
+        // /proc/mounts escapes spaces and other characters as octal.
+        (fs_type == "cgroup2").then(|| PathBuf::from(mount_point.replace("\\040", " ")))
+    })
+}
+
+#[cfg(test)]
+mod mount_tests {
+    #[test]
+    fn finds_hybrid_and_unified_mounts() {
+        let hybrid =
+            "tmpfs /sys/fs/cgroup tmpfs rw 0 0\ncgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
+        assert_eq!(
+            super::cgroup2_mount_in(hybrid),
+            Some("/sys/fs/cgroup/unified".into())
+        );
+        let unified = "cgroup2 /sys/fs/cgroup cgroup2 rw,nsdelegate 0 0\n";
+        assert_eq!(
+            super::cgroup2_mount_in(unified),
+            Some("/sys/fs/cgroup".into())
+        );
+        assert_eq!(super::cgroup2_mount_in("proc /proc proc rw 0 0\n"), None);
+    }
+}

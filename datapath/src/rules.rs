@@ -1,0 +1,265 @@
+//! Turning CIDR allow rules into allow-trie entries. Pure, so it is unit-tested without a kernel.
+//!
+//! The trie returns only the longest matching prefix, so each entry carries the union of its
+//! own port rules and those of every shorter prefix of the same workload that covers it.
+
+use std::collections::BTreeMap;
+
+use egressd_common::policy::{
+    ALLOW_KEY_WORKLOAD_BITS, AllowKey, AllowValue, DenyKey, MAX_PORT_RULES, PROTOCOL_ANY,
+    PROTOCOL_ICMP_ANY, PortRule,
+};
+use egressd_policy::{IPPROTO_TCP, IPPROTO_UDP, PortRange, Protocol};
+use ipnet::IpNet;
+
+use crate::DatapathError;
+
+/// A CIDR allow rule as the datapath enforces it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CidrRule {
+    pub net: IpNet,
+    /// Empty means every port (and port-less protocols such as ICMP).
+    pub ports: Vec<PortRange>,
+    pub protocol: Protocol,
+}
+
+/// A prefix in the 128-bit IPv4-mapped address space: `(address, prefix length)`.
+pub(crate) type Prefix = ([u8; 16], u8);
+
+pub(crate) fn to_prefix(net: &IpNet) -> Prefix {
+    let net = net.trunc();
+    match net {
+        IpNet::V4(v4) => (v4.addr().to_ipv6_mapped().octets(), 96 + v4.prefix_len()),
+        IpNet::V6(v6) => match v6.addr().to_ipv4_mapped() {
+            Some(v4) if v6.prefix_len() >= 96 => (v4.to_ipv6_mapped().octets(), v6.prefix_len()),
+            _ => (v6.addr().octets(), v6.prefix_len()),
+        },
+    }
+}
+
+fn covers(outer: &Prefix, inner: &Prefix) -> bool {
+    if outer.1 > inner.1 {
+        return false;
+    }
+    let bits = u32::from(outer.1);
+    let mask = if bits == 0 {
+        0
+    } else {
+        u128::MAX << (128 - bits)
+    };
+    (u128::from_be_bytes(outer.0) & mask) == (u128::from_be_bytes(inner.0) & mask)
+}
+
+fn port_rules(rule: &CidrRule) -> Vec<PortRule> {
+    let protocol = match rule.protocol {
+        Protocol::Any => PROTOCOL_ANY,
+        Protocol::Tcp => IPPROTO_TCP,
+        Protocol::Udp => IPPROTO_UDP,
+        Protocol::Icmp => PROTOCOL_ICMP_ANY,
+    };
+    let ranges = if rule.ports.is_empty() {
+        vec![PortRange::ALL]
+    } else {
+        rule.ports.clone()
+    };
+    ranges
+        .into_iter()
+        .map(|range| PortRule {
+            port_first: range.first,
+            port_last: range.last,
+            protocol,
+            reserved: 0,
+        })
+        .collect()
+}
+
+/// Sorts, drops rules another rule already covers and joins touching ranges.
+fn merge(mut rules: Vec<PortRule>) -> Vec<PortRule> {
+    let everything = rules
+        .iter()
+        .any(|r| r.protocol == PROTOCOL_ANY && r.port_first == 0 && r.port_last == u16::MAX);
+    if everything {
+        return vec![PortRule {
+            port_first: 0,
+            port_last: u16::MAX,
+            protocol: PROTOCOL_ANY,
+            reserved: 0,
+        }];
+    }
+    rules.sort_by_key(|r| (r.protocol, r.port_first, r.port_last));
+    let mut merged: Vec<PortRule> = Vec::with_capacity(rules.len());
+    for rule in rules {
+        match merged.last_mut() {
+            Some(last)
+                if last.protocol == rule.protocol
+                    && u32::from(rule.port_first) <= u32::from(last.port_last) + 1 =>
+            {
+                last.port_last = last.port_last.max(rule.port_last);
+            }
+            _ => merged.push(rule),
+        }
+    }
+    // A rule for any protocol covers a same-range rule for one protocol.
+    let any: Vec<PortRule> = merged
+        .iter()
+        .filter(|r| r.protocol == PROTOCOL_ANY)
+        .copied()
+        .collect();
+    merged.retain(|r| {
+        r.protocol == PROTOCOL_ANY
+            || !any
+                .iter()
+                .any(|a| a.port_first <= r.port_first && r.port_last <= a.port_last)
+    });
+    merged
+}
+
+pub(crate) fn allow_key(workload: u32, prefix: &Prefix) -> aya::maps::lpm_trie::Key<AllowKey> {
+    aya::maps::lpm_trie::Key::new(
+        ALLOW_KEY_WORKLOAD_BITS + u32::from(prefix.1),
+        AllowKey {
+            workload_be: workload.to_be_bytes(),
+            addr: prefix.0,
+        },
+    )
+}
+
+pub(crate) fn deny_key(prefix: &Prefix) -> aya::maps::lpm_trie::Key<DenyKey> {
+    aya::maps::lpm_trie::Key::new(u32::from(prefix.1), DenyKey { addr: prefix.0 })
+}
+
+/// The allow-trie entries of one workload, keyed by prefix.
+pub(crate) fn compile_workload(
+    workload_name: &str,
+    rules: &[CidrRule],
+) -> Result<BTreeMap<Prefix, AllowValue>, DatapathError> {
+    let mut own: BTreeMap<Prefix, Vec<PortRule>> = BTreeMap::new();
+    for rule in rules {
+        own.entry(to_prefix(&rule.net))
+            .or_default()
+            .extend(port_rules(rule));
+    }
+    let mut entries = BTreeMap::new();
+    for prefix in own.keys() {
+        let inherited: Vec<PortRule> = own
+            .iter()
+            .filter(|(outer, _)| covers(outer, prefix))
+            .flat_map(|(_, rules)| rules.iter().copied())
+            .collect();
+        let merged = merge(inherited);
+        if merged.len() > MAX_PORT_RULES {
+            return Err(DatapathError::TooManyPortRules {
+                workload: workload_name.to_owned(),
+                prefix: describe_prefix(prefix),
+                count: merged.len(),
+                limit: MAX_PORT_RULES,
+            });
+        }
+        let mut value = AllowValue {
+            count: merged.len() as u32,
+            ..Default::default()
+        };
+        value.rules[..merged.len()].copy_from_slice(&merged);
+        entries.insert(*prefix, value);
+    }
+    Ok(entries)
+}
+
+pub(crate) fn describe_prefix(prefix: &Prefix) -> String {
+    let addr = std::net::Ipv6Addr::from(prefix.0);
+    match addr.to_ipv4_mapped() {
+        Some(v4) if prefix.1 >= 96 => format!("{v4}/{}", prefix.1 - 96),
+        _ => format!("{addr}/{}", prefix.1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(net: &str, ports: &[(u16, u16)], protocol: Protocol) -> CidrRule {
+        CidrRule {
+            net: net.parse().expect("test net"),
+            ports: ports
+                .iter()
+                .map(|&(first, last)| PortRange { first, last })
+                .collect(),
+            protocol,
+        }
+    }
+
+    fn rules_of(value: &AllowValue) -> Vec<(u8, u16, u16)> {
+        value.rules[..value.count as usize]
+            .iter()
+            .map(|r| (r.protocol, r.port_first, r.port_last))
+            .collect()
+    }
+
+    #[test]
+    fn ipv4_and_mapped_prefixes_are_one_space() {
+        assert_eq!(
+            to_prefix(&"10.0.0.0/8".parse().expect("net")),
+            to_prefix(&"::ffff:10.0.0.0/104".parse().expect("net"))
+        );
+        let (addr, len) = to_prefix(&"127.0.0.2/32".parse().expect("net"));
+        assert_eq!(len, 128);
+        assert_eq!(&addr[10..], &[0xff, 0xff, 127, 0, 0, 2]);
+    }
+
+    #[test]
+    fn longer_prefix_inherits_covering_rules() {
+        let entries = compile_workload(
+            "w",
+            &[
+                rule("10.0.0.0/8", &[], Protocol::Tcp),
+                rule("10.1.2.3/32", &[(443, 443)], Protocol::Udp),
+            ],
+        )
+        .expect("compiles");
+        let host = entries
+            .get(&to_prefix(&"10.1.2.3/32".parse().expect("net")))
+            .expect("host entry");
+        assert_eq!(
+            rules_of(host),
+            vec![(IPPROTO_TCP, 0, 65535), (IPPROTO_UDP, 443, 443)]
+        );
+        let wide = entries
+            .get(&to_prefix(&"10.0.0.0/8".parse().expect("net")))
+            .expect("wide entry");
+        assert_eq!(rules_of(wide), vec![(IPPROTO_TCP, 0, 65535)]);
+    }
+
+    #[test]
+    fn overlapping_ranges_merge_and_any_wins() {
+        let entries = compile_workload(
+            "w",
+            &[
+                rule("::1/128", &[(80, 90), (85, 100), (101, 101)], Protocol::Tcp),
+                rule("::1/128", &[(80, 80)], Protocol::Any),
+            ],
+        )
+        .expect("compiles");
+        let value = entries.values().next().expect("entry");
+        assert_eq!(
+            rules_of(value),
+            vec![(PROTOCOL_ANY, 80, 80), (IPPROTO_TCP, 80, 101)]
+        );
+        let all = compile_workload("w", &[rule("::1/128", &[], Protocol::Any)]).expect("ok");
+        assert_eq!(
+            rules_of(all.values().next().expect("entry")),
+            vec![(PROTOCOL_ANY, 0, 65535)]
+        );
+    }
+
+    #[test]
+    fn too_many_port_rules_names_the_prefix() {
+        let ports: Vec<(u16, u16)> = (0..20).map(|i| (1000 + i * 2, 1000 + i * 2)).collect();
+        let err = compile_workload("agent", &[rule("10.0.0.1/32", &ports, Protocol::Tcp)])
+            .expect_err("over the limit");
+        let text = err.to_string();
+        assert!(
+            text.contains("agent") && text.contains("10.0.0.1/32"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,363 @@
+//! egressd's kernel side. Each entry point is a thin wrapper that turns the hook's context
+//! into a `Flow`, asks `verdict` for a decision and maps it to the hook's return code.
+// Built for the host only so `cargo clippy --workspace` can check it; the real build targets
+// bpfel-unknown-none through datapath/build.rs.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+mod maps;
+mod packet;
+mod verdict;
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::{BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, bpf_sock},
+    helpers::generated::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_sk_fullsock,
+        bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+    },
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, sock_ops},
+    programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
+};
+use egressd_common::{
+    event::{
+        COUNTER_CACHE_HITS, COUNTER_STORAGE_FAILURES, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_EGRESS,
+        HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SOCK_CREATE, REASON_RAW_SOCKET, VERDICT_ALLOW,
+        VERDICT_DENY, VERDICT_WOULD_DENY,
+    },
+    policy::{MODE_AUDIT, MODE_STRICT, NO_WORKLOAD, WORKLOAD_FLAG_RAW_SOCKETS},
+    socket::{SOCKET_FLAG_CREATED, SOCKET_FLAG_INBOUND},
+    v4_mapped,
+};
+
+use crate::verdict::{
+    Decision, Flow, Task, cache_verdict, cached_verdict, count, evaluate, report, send_event,
+    settings, socket_state, socket_workload, workload_config,
+};
+
+const ALLOW: i32 = 1;
+const REFUSE: i32 = 0;
+const SOCK_RAW: u32 = 3;
+const TCP_LISTEN: u32 = 10;
+
+#[inline(always)]
+fn current_ancestor(level: i32) -> u64 {
+    // SAFETY: helper without preconditions.
+    unsafe { bpf_get_current_ancestor_cgroup_id(level) }
+}
+
+#[inline(always)]
+fn current_cgroup() -> u64 {
+    // SAFETY: helper without preconditions.
+    unsafe { bpf_get_current_cgroup_id() }
+}
+
+// ---- connect4/6, sendmsg4/6: early EPERM for TCP, connected and unconnected UDP, ping ----
+
+#[cgroup_sock_addr(connect4)]
+pub fn connect4(ctx: SockAddrContext) -> i32 {
+    check_sock_addr(&ctx, false, HOOK_CONNECT4)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn connect6(ctx: SockAddrContext) -> i32 {
+    check_sock_addr(&ctx, true, HOOK_CONNECT6)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
+    check_sock_addr(&ctx, false, HOOK_SENDMSG4)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
+    check_sock_addr(&ctx, true, HOOK_SENDMSG6)
+}
+
+#[inline(always)]
+fn sock_addr_flow(ctx: &SockAddrContext, ipv6: bool) -> Flow {
+    // SAFETY: the context pointer is valid for the program's run.
+    let sock_addr = unsafe { &*ctx.sock_addr };
+    let mut flow = Flow::empty();
+    if ipv6 {
+        let words = sock_addr.user_ip6;
+        let mut dst = [0u8; 16];
+        let mut i = 0;
+        while i < 4 {
+            let bytes = words[i].to_ne_bytes();
+            dst[i * 4] = bytes[0];
+            dst[i * 4 + 1] = bytes[1];
+            dst[i * 4 + 2] = bytes[2];
+            dst[i * 4 + 3] = bytes[3];
+            i += 1;
+        }
+        // An IPv4-mapped destination is already in the form IPv4 keys use.
+        flow.family = if dst[..12] == egressd_common::V4_MAPPED_PREFIX { 4 } else { 6 };
+        flow.dst = dst;
+    } else {
+        flow.family = 4;
+        flow.dst = v4_mapped(sock_addr.user_ip4.to_ne_bytes());
+    }
+    flow.dst_port = u16::from_be(sock_addr.user_port as u16);
+    flow.protocol = sock_addr.protocol as u8;
+    flow.socket_type = sock_addr.type_ as u8;
+    flow.has_port = flow.protocol == verdict::IPPROTO_TCP || flow.protocol == verdict::IPPROTO_UDP;
+    flow
+}
+
+#[inline(always)]
+fn check_sock_addr(ctx: &SockAddrContext, ipv6: bool, hook: u32) -> i32 {
+    let flow = sock_addr_flow(ctx, ipv6);
+    let is_sendmsg = hook == HOOK_SENDMSG4 || hook == HOOK_SENDMSG6;
+    if is_sendmsg && flow.dst == [0; 16] {
+        // A connected socket sending with ancillary data: the peer is the connected one, which
+        // the egress backstop checks. Not an "allowed" verdict.
+        return ALLOW;
+    }
+    let settings = settings();
+    // SAFETY: the context pointer is valid for the program's run.
+    let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
+    // SAFETY: sock_addr programs may pass ctx->sk to bpf_sk_storage_get.
+    let state = unsafe { socket_state(sk.cast::<c_void>()) };
+    let cgroup_id = current_cgroup();
+    let mut task = Task::current(cgroup_id);
+    let workload = match state {
+        Some(ref state) if state.flags & SOCKET_FLAG_CREATED != 0 => {
+            // Created under egressd: the creator's cgroup, not the caller's, decides (a socket
+            // handed to another process keeps its creator's policy).
+            task.cgroup_id = state.cgroup_id;
+            state.workload
+        }
+        _ => {
+            let workload = verdict::workload_of(current_ancestor, &settings);
+            if let Some(state) = state {
+                state.cgroup_id = cgroup_id;
+                state.workload = workload;
+                state.flags |= egressd_common::socket::SOCKET_FLAG_RESOLVED;
+                state.workload_generation = settings.generation;
+            }
+            workload
+        }
+    };
+    let Some(config) = workload_config(workload) else {
+        return ALLOW;
+    };
+    let (verdict, reason) = evaluate(workload, &config, &flow);
+    let decision = Decision {
+        workload,
+        mode: config.mode,
+        verdict,
+        reason,
+        hook,
+    };
+    report(&decision, &flow, &task);
+    if let Some(state) = socket_state_again(sk) {
+        cache_verdict(state, &flow, settings.generation, verdict);
+    }
+    if verdict == VERDICT_DENY { REFUSE } else { ALLOW }
+}
+
+#[inline(always)]
+fn socket_state_again(sk: *mut bpf_sock) -> Option<&'static mut egressd_common::socket::SocketState> {
+    // SAFETY: as in check_sock_addr; the lookup is cheap (the storage hangs off the socket).
+    unsafe { socket_state(sk.cast::<c_void>()) }
+}
+
+// ---- sock_create: workload and creator of every new inet socket; raw sockets in strict ----
+
+#[cgroup_sock(sock_create)]
+pub fn sock_create(ctx: SockContext) -> i32 {
+    let settings = settings();
+    let cgroup_id = current_cgroup();
+    let workload = verdict::workload_of(current_ancestor, &settings);
+    let task = Task::current(cgroup_id);
+    // SAFETY: cgroup/sock programs pass their context (the new socket) to bpf_sk_storage_get.
+    match unsafe { socket_state(ctx.sock.cast::<c_void>()) } {
+        Some(state) => {
+            state.cgroup_id = cgroup_id;
+            state.workload = workload;
+            state.workload_generation = settings.generation;
+            state.creator_tgid = task.tgid;
+            state.creator_tid = task.tid;
+            state.creator_comm = task.comm;
+            state.flags |= SOCKET_FLAG_CREATED | egressd_common::socket::SOCKET_FLAG_RESOLVED;
+        }
+        None => count(COUNTER_STORAGE_FAILURES),
+    }
+    // SAFETY: the context pointer is valid for the program's run.
+    let (socket_type, protocol, family) =
+        unsafe { ((*ctx.sock).type_, (*ctx.sock).protocol, (*ctx.sock).family) };
+    if socket_type != SOCK_RAW || workload == NO_WORKLOAD {
+        return ALLOW;
+    }
+    let Some(config) = workload_config(workload) else {
+        return ALLOW;
+    };
+    if config.flags & WORKLOAD_FLAG_RAW_SOCKETS != 0
+        || (config.mode != MODE_STRICT && config.mode != MODE_AUDIT)
+    {
+        return ALLOW;
+    }
+    let verdict = if config.mode == MODE_STRICT {
+        VERDICT_DENY
+    } else {
+        VERDICT_WOULD_DENY
+    };
+    let mut flow = Flow::empty();
+    flow.protocol = protocol as u8;
+    flow.socket_type = SOCK_RAW as u8;
+    flow.family = if family == 10 { 6 } else { 4 };
+    let decision = Decision {
+        workload,
+        mode: config.mode,
+        verdict,
+        reason: REASON_RAW_SOCKET,
+        hook: HOOK_SOCK_CREATE,
+    };
+    verdict::count(if verdict == VERDICT_DENY {
+        egressd_common::event::COUNTER_DENIED
+    } else {
+        egressd_common::event::COUNTER_WOULD_DENY
+    });
+    let kind = if verdict == VERDICT_DENY {
+        egressd_common::event::EVENT_DENIED
+    } else {
+        egressd_common::event::EVENT_WOULD_DENY
+    };
+    send_event(kind, &decision, &flow, &task);
+    if verdict == VERDICT_DENY { REFUSE } else { ALLOW }
+}
+
+// ---- sock_ops: mark accepted connections, whose packets are replies ----
+
+#[sock_ops]
+pub fn sock_ops(ctx: SockOpsContext) -> u32 {
+    if ctx.op() == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        // SAFETY: the context pointer is valid for the program's run.
+        let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+        if !sk.is_null() {
+            // SAFETY: sock_ops programs may pass a non-NULL ctx->sk to bpf_sk_storage_get.
+            if let Some(state) = unsafe { socket_state(sk.cast::<c_void>()) } {
+                state.flags |= SOCKET_FLAG_INBOUND;
+            }
+        }
+    }
+    1
+}
+
+// ---- egress: the per-packet backstop (raw and ping sockets, passed sockets, anything else) ----
+
+#[cgroup_skb(egress)]
+pub fn egress(ctx: SkBuffContext) -> i32 {
+    let skb = ctx.skb.skb;
+    // SAFETY: the context pointer is valid for the program's run.
+    let sk = unsafe { (*skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return ALLOW;
+    }
+    // SAFETY: sk comes from the context.
+    let full = unsafe { bpf_sk_fullsock(sk) };
+    if full.is_null() {
+        // Request and time-wait sockets only send handshake replies, ACKs and resets.
+        return ALLOW;
+    }
+    let parsed = packet::parse(&ctx);
+    if parsed.control {
+        return ALLOW;
+    }
+    // SAFETY: full is a full socket, which cgroup_skb may pass to bpf_sk_storage_get.
+    let Some(state) = (unsafe { socket_state(full.cast::<c_void>()) }) else {
+        count(COUNTER_STORAGE_FAILURES);
+        return egress_without_state(&ctx, &parsed.flow);
+    };
+    // SAFETY: full is a valid full socket.
+    let sk_state = unsafe { (*full).state };
+    if state.flags & SOCKET_FLAG_INBOUND != 0 || sk_state == TCP_LISTEN {
+        return ALLOW;
+    }
+    let settings = settings();
+    if let Some(verdict) = cached_verdict(state, &parsed.flow, settings.generation) {
+        count(COUNTER_CACHE_HITS);
+        return if verdict == VERDICT_DENY { REFUSE } else { ALLOW };
+    }
+    // The packet's cgroup is the socket's: authoritative even for passed sockets.
+    let workload = socket_workload(state, &settings, |level| {
+        // SAFETY: skb is the context.
+        unsafe { bpf_skb_ancestor_cgroup_id(skb, level) }
+    });
+    let Some(config) = workload_config(workload) else {
+        cache_verdict(state, &parsed.flow, settings.generation, VERDICT_ALLOW);
+        return ALLOW;
+    };
+    let (verdict, reason) = if parsed.valid {
+        evaluate(workload, &config, &parsed.flow)
+    } else if config.mode == MODE_STRICT {
+        (VERDICT_DENY, egressd_common::event::REASON_NO_RULE)
+    } else {
+        (VERDICT_ALLOW, egressd_common::event::REASON_LEARNING)
+    };
+    let mut flow = parsed.flow;
+    // SAFETY: full is a valid full socket.
+    flow.socket_type = unsafe { (*full).type_ } as u8;
+    let task = Task {
+        tgid: state.creator_tgid,
+        tid: state.creator_tid,
+        comm: state.creator_comm,
+        // SAFETY: skb is the context.
+        cgroup_id: unsafe { bpf_skb_cgroup_id(skb) },
+    };
+    report(
+        &Decision {
+            workload,
+            mode: config.mode,
+            verdict,
+            reason,
+            hook: HOOK_EGRESS,
+        },
+        &flow,
+        &task,
+    );
+    cache_verdict(state, &parsed.flow, settings.generation, verdict);
+    if verdict == VERDICT_DENY { REFUSE } else { ALLOW }
+}
+
+/// Egress when socket storage cannot be had (memory pressure): decide without caching.
+#[inline(always)]
+fn egress_without_state(ctx: &SkBuffContext, flow: &Flow) -> i32 {
+    let settings = settings();
+    let skb = ctx.skb.skb;
+    let workload = verdict::workload_of(
+        |level| {
+            // SAFETY: skb is the context.
+            unsafe { bpf_skb_ancestor_cgroup_id(skb, level) }
+        },
+        &settings,
+    );
+    let Some(config) = workload_config(workload) else {
+        return ALLOW;
+    };
+    let (verdict, _) = evaluate(workload, &config, flow);
+    if verdict == VERDICT_DENY { REFUSE } else { ALLOW }
+}
+
+// ---- ingress: DNS answers for the FQDN feature (wired now; the parser comes with it) ----
+
+#[cgroup_skb(ingress)]
+pub fn ingress(_ctx: SkBuffContext) -> i32 {
+    ALLOW
+}
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,50 @@
+//! Every map the programs use. Userspace (`egressd-datapath`) takes each by its name.
+
+use aya_ebpf::{
+    btf_maps::SkStorage,
+    macros::{btf_map, map},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+};
+use egressd_common::{
+    event::{COUNTERS_LEN, RING_BUFFER_BYTES},
+    policy::{
+        AllowKey, AllowValue, DenyKey, MAX_ALLOW_ENTRIES, MAX_DENY_ENTRIES, MAX_WORKLOAD_CGROUPS,
+        MAX_WORKLOADS, Settings, WorkloadConfig,
+    },
+    socket::{DestinationKey, MAX_SEEN_DESTINATIONS, SocketState},
+};
+
+/// Cgroup id (kernfs inode) of a workload's own cgroup → workload id.
+#[map]
+pub static WORKLOAD_CGROUPS: HashMap<u64, u32> =
+    HashMap::with_max_entries(MAX_WORKLOAD_CGROUPS, 0);
+
+/// Workload id → mode and flags: switching a mode is one write here.
+#[map]
+pub static WORKLOADS: Array<WorkloadConfig> = Array::with_max_entries(MAX_WORKLOADS, 0);
+
+#[map]
+pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+/// `{workload, address}` prefixes → port rules, for all workloads in one trie.
+#[map]
+pub static ALLOW: LpmTrie<AllowKey, AllowValue> = LpmTrie::with_max_entries(MAX_ALLOW_ENTRIES, 0);
+
+/// Prefixes denied for every workload (`defaults.deny`).
+#[map]
+pub static DENY: LpmTrie<DenyKey, u32> = LpmTrie::with_max_entries(MAX_DENY_ENTRIES, 0);
+
+/// Destinations already reported, so each is announced once.
+#[map]
+pub static SEEN: LruHashMap<DestinationKey, u64> =
+    LruHashMap::with_max_entries(MAX_SEEN_DESTINATIONS, 0);
+
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BUFFER_BYTES, 0);
+
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);
+
+/// Per-socket workload, creator and cached verdict.
+#[btf_map]
+pub static SOCKET_STATE: SkStorage<SocketState> = SkStorage::new();

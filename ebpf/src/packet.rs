@@ -1,0 +1,136 @@
+//! Parsing the packet a `cgroup_skb` program sees (it starts at the network header).
+
+use aya_ebpf::programs::SkBuffContext;
+use egressd_common::v4_mapped;
+
+use crate::verdict::{Flow, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const TCP_FLAG_RST: u8 = 0x04;
+/// IPv6 extension headers walked before giving up on finding the transport header.
+const MAX_EXTENSION_HEADERS: u32 = 4;
+
+/// What the parser found besides the flow.
+pub struct Parsed {
+    pub flow: Flow,
+    /// Kernel-generated control traffic that must never be blocked: TCP resets, ICMP errors,
+    /// IPv6 neighbour discovery and multicast listener messages.
+    pub control: bool,
+    /// False when even the IP header could not be read.
+    pub valid: bool,
+}
+
+#[inline(always)]
+fn is_icmp_control(icmp_type: u8) -> bool {
+    // destination unreachable, source quench, time exceeded, parameter problem
+    matches!(icmp_type, 3 | 4 | 11 | 12)
+}
+
+#[inline(always)]
+fn is_icmpv6_control(icmp_type: u8) -> bool {
+    // errors 1-4, MLD 130-132 and 143, neighbour discovery 133-137
+    matches!(icmp_type, 1..=4 | 130..=137 | 143)
+}
+
+/// Reads ports (and TCP flags or ICMP type) at `offset` into `parsed`.
+#[inline(always)]
+fn parse_transport(ctx: &SkBuffContext, offset: usize, parsed: &mut Parsed) {
+    match parsed.flow.protocol {
+        IPPROTO_TCP | IPPROTO_UDP => {
+            if let Ok(ports) = ctx.load::<[u8; 4]>(offset) {
+                parsed.flow.src_port = u16::from_be_bytes([ports[0], ports[1]]);
+                parsed.flow.dst_port = u16::from_be_bytes([ports[2], ports[3]]);
+                parsed.flow.has_port = true;
+            }
+            if parsed.flow.protocol == IPPROTO_TCP
+                && let Ok(flags) = ctx.load::<u8>(offset + 13)
+                && flags & TCP_FLAG_RST != 0
+            {
+                parsed.control = true;
+            }
+        }
+        IPPROTO_ICMP => {
+            if let Ok(icmp_type) = ctx.load::<u8>(offset) {
+                parsed.control = is_icmp_control(icmp_type);
+            }
+        }
+        IPPROTO_ICMPV6 => {
+            if let Ok(icmp_type) = ctx.load::<u8>(offset) {
+                parsed.control = is_icmpv6_control(icmp_type);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[inline(always)]
+pub fn parse(ctx: &SkBuffContext) -> Parsed {
+    let mut parsed = Parsed {
+        flow: Flow::empty(),
+        control: false,
+        valid: false,
+    };
+    // Branch on the packet's protocol, never the socket's family: an IPv4-mapped destination
+    // on an AF_INET6 socket produces IPv4 packets.
+    let ethertype = u16::from_be(ctx.skb.protocol() as u16);
+    if ethertype == ETH_P_IP {
+        let Ok(header) = ctx.load::<[u8; 20]>(0) else {
+            return parsed;
+        };
+        parsed.valid = true;
+        parsed.flow.family = 4;
+        parsed.flow.protocol = header[9];
+        parsed.flow.src = v4_mapped([header[12], header[13], header[14], header[15]]);
+        parsed.flow.dst = v4_mapped([header[16], header[17], header[18], header[19]]);
+        let fragment_offset = u16::from_be_bytes([header[6], header[7]]) & 0x1fff;
+        if fragment_offset == 0 {
+            let header_len = usize::from(header[0] & 0x0f) * 4;
+            parse_transport(ctx, header_len, &mut parsed);
+        }
+    } else if ethertype == ETH_P_IPV6 {
+        let Ok(header) = ctx.load::<[u8; 40]>(0) else {
+            return parsed;
+        };
+        parsed.valid = true;
+        parsed.flow.family = 6;
+        let mut src = [0u8; 16];
+        let mut dst = [0u8; 16];
+        src.copy_from_slice(&header[8..24]);
+        dst.copy_from_slice(&header[24..40]);
+        parsed.flow.src = src;
+        parsed.flow.dst = dst;
+        let mut next = header[6];
+        let mut offset: usize = 40;
+        let mut walked = 0;
+        while walked < MAX_EXTENSION_HEADERS {
+            match next {
+                // hop-by-hop, routing, destination options
+                0 | 43 | 60 => {
+                    let Ok(ext) = ctx.load::<[u8; 2]>(offset) else {
+                        break;
+                    };
+                    next = ext[0];
+                    offset += (usize::from(ext[1]) + 1) * 8;
+                }
+                // fragment: only the first fragment carries the transport header
+                44 => {
+                    let Ok(ext) = ctx.load::<[u8; 4]>(offset) else {
+                        break;
+                    };
+                    next = ext[0];
+                    offset += 8;
+                    if u16::from_be_bytes([ext[2], ext[3]]) & 0xfff8 != 0 {
+                        parsed.flow.protocol = next;
+                        return parsed;
+                    }
+                }
+                _ => break,
+            }
+            walked += 1;
+        }
+        parsed.flow.protocol = next;
+        parse_transport(ctx, offset, &mut parsed);
+    }
+    parsed
+}

@@ -1,0 +1,352 @@
+//! Workload lookup, policy evaluation, per-socket state and reporting, shared by every hook.
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::{BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+        generated::bpf_sk_storage_get,
+    },
+    maps::lpm_trie::Key,
+};
+use egressd_common::{
+    Addr,
+    event::{
+        COUNTER_ALLOWED, COUNTER_DENIED, COUNTER_EVENTS, COUNTER_RING_DROPS, COUNTER_WOULD_DENY,
+        EVENT_DENIED, EVENT_NEW_DESTINATION, EVENT_WOULD_DENY, Event, REASON_ALLOW_RULE,
+        REASON_DENY_LIST, REASON_LEARNING, REASON_NO_RULE, VERDICT_ALLOW, VERDICT_DENY,
+        VERDICT_WOULD_DENY,
+    },
+    policy::{
+        ALLOW_KEY_WORKLOAD_BITS, AllowKey, DenyKey, MAX_CGROUP_DEPTH, MAX_PORT_RULES,
+        MODE_AUDIT, MODE_LEARNING, NO_WORKLOAD, PROTOCOL_ANY, PROTOCOL_ICMP_ANY, Settings,
+        WORKLOAD_FLAG_ACTIVE, WorkloadConfig,
+    },
+    socket::{
+        DestinationKey, SOCKET_FLAG_CACHED, SOCKET_FLAG_RESOLVED, SocketState,
+    },
+};
+
+use crate::maps::{
+    ALLOW, COUNTERS, DENY, EVENTS, SEEN, SETTINGS, SOCKET_STATE, WORKLOAD_CGROUPS, WORKLOADS,
+};
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMPV6: u8 = 58;
+
+/// One destination as a hook sees it.
+#[derive(Clone, Copy)]
+pub struct Flow {
+    pub dst: Addr,
+    pub src: Addr,
+    pub dst_port: u16,
+    pub src_port: u16,
+    pub protocol: u8,
+    /// False for ICMP, non-first fragments and protocols without ports.
+    pub has_port: bool,
+    pub family: u8,
+    pub socket_type: u8,
+}
+
+impl Flow {
+    pub const fn empty() -> Self {
+        Flow {
+            dst: [0; 16],
+            src: [0; 16],
+            dst_port: 0,
+            src_port: 0,
+            protocol: 0,
+            has_port: false,
+            family: 0,
+            socket_type: 0,
+        }
+    }
+}
+
+/// Who caused a flow: the current task in process context, the socket's creator in softirq.
+#[derive(Clone, Copy)]
+pub struct Task {
+    pub tgid: u32,
+    pub tid: u32,
+    pub comm: [u8; 16],
+    pub cgroup_id: u64,
+}
+
+impl Task {
+    #[inline(always)]
+    pub fn current(cgroup_id: u64) -> Self {
+        let pid_tgid = bpf_get_current_pid_tgid();
+        Task {
+            tgid: (pid_tgid >> 32) as u32,
+            tid: pid_tgid as u32,
+            comm: bpf_get_current_comm().unwrap_or([0; 16]),
+            cgroup_id,
+        }
+    }
+}
+
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(counter) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *counter += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn settings() -> Settings {
+    match SETTINGS.get(0) {
+        Some(settings) => *settings,
+        None => Settings::default(),
+    }
+}
+
+/// The workload of the deepest cgroup on the path that is some workload's own cgroup:
+/// descendants created after egressd started are governed from their first packet.
+#[inline(always)]
+pub fn workload_of(ancestor_id: impl Fn(i32) -> u64, settings: &Settings) -> u32 {
+    let mut found = NO_WORKLOAD;
+    let mut level: u32 = 1;
+    while level <= MAX_CGROUP_DEPTH {
+        let id = ancestor_id(level as i32);
+        if id == 0 {
+            break;
+        }
+        // SAFETY: the value is a plain u32 copied out at once.
+        if let Some(workload) = unsafe { WORKLOAD_CGROUPS.get(&id) } {
+            found = *workload;
+        }
+        level += 1;
+    }
+    if found == NO_WORKLOAD {
+        settings.unmatched_workload
+    } else {
+        found
+    }
+}
+
+#[inline(always)]
+pub fn workload_config(workload: u32) -> Option<WorkloadConfig> {
+    if workload == NO_WORKLOAD {
+        return None;
+    }
+    let config = *WORKLOADS.get(workload)?;
+    if config.flags & WORKLOAD_FLAG_ACTIVE == 0 {
+        return None;
+    }
+    Some(config)
+}
+
+/// The socket's storage, created on first use. None only if the kernel cannot allocate it.
+///
+/// # Safety
+/// `sk` must be a pointer the calling program type may pass to `bpf_sk_storage_get`.
+#[inline(always)]
+pub unsafe fn socket_state(sk: *mut c_void) -> Option<&'static mut SocketState> {
+    let map = (&raw const SOCKET_STATE).cast_mut().cast::<c_void>();
+    // SAFETY: map is our SK_STORAGE map; the caller vouches for sk.
+    let state = unsafe {
+        bpf_sk_storage_get(
+            map,
+            sk,
+            core::ptr::null_mut(),
+            u64::from(BPF_SK_STORAGE_GET_F_CREATE),
+        )
+    }
+    .cast::<SocketState>();
+    // SAFETY: the kernel returns either NULL or a valid, zero-initialised value.
+    unsafe { state.as_mut() }
+}
+
+#[inline(always)]
+pub fn cached_verdict(state: &SocketState, flow: &Flow, generation: u32) -> Option<u8> {
+    if state.flags & SOCKET_FLAG_CACHED != 0
+        && state.cached_generation == generation
+        && state.cached_port == flow.dst_port
+        && state.cached_protocol == flow.protocol
+        && state.cached_addr == flow.dst
+    {
+        Some(state.cached_verdict)
+    } else {
+        None
+    }
+}
+
+#[inline(always)]
+pub fn cache_verdict(state: &mut SocketState, flow: &Flow, generation: u32, verdict: u8) {
+    state.cached_generation = generation;
+    state.cached_addr = flow.dst;
+    state.cached_port = flow.dst_port;
+    state.cached_protocol = flow.protocol;
+    state.cached_verdict = verdict;
+    state.flags |= SOCKET_FLAG_CACHED;
+}
+
+/// The socket's workload, resolved once per settings generation.
+#[inline(always)]
+pub fn socket_workload(
+    state: &mut SocketState,
+    settings: &Settings,
+    ancestor_id: impl Fn(i32) -> u64,
+) -> u32 {
+    if state.flags & SOCKET_FLAG_RESOLVED != 0 && state.workload_generation == settings.generation
+    {
+        return state.workload;
+    }
+    let workload = workload_of(ancestor_id, settings);
+    state.workload = workload;
+    state.workload_generation = settings.generation;
+    state.flags |= SOCKET_FLAG_RESOLVED;
+    workload
+}
+
+#[inline(always)]
+fn rule_matches(rule_protocol: u8, first: u16, last: u16, flow: &Flow) -> bool {
+    let protocol_ok = rule_protocol == PROTOCOL_ANY
+        || rule_protocol == flow.protocol
+        || (rule_protocol == PROTOCOL_ICMP_ANY
+            && (flow.protocol == IPPROTO_ICMP || flow.protocol == IPPROTO_ICMPV6));
+    let port_ok = if flow.has_port {
+        first <= flow.dst_port && flow.dst_port <= last
+    } else {
+        first == 0 && last == u16::MAX
+    };
+    protocol_ok && port_ok
+}
+
+#[inline(always)]
+fn allow_rule_matches(workload: u32, flow: &Flow) -> bool {
+    let key = Key::new(
+        ALLOW_KEY_WORKLOAD_BITS + 128,
+        AllowKey {
+            workload_be: workload.to_be_bytes(),
+            addr: flow.dst,
+        },
+    );
+    let Some(value) = ALLOW.get(&key) else {
+        return false;
+    };
+    let mut i = 0;
+    while i < MAX_PORT_RULES {
+        if i as u32 >= value.count {
+            break;
+        }
+        let rule = &value.rules[i];
+        if rule_matches(rule.protocol, rule.port_first, rule.port_last, flow) {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+#[inline(always)]
+fn denied_for_all(flow: &Flow) -> bool {
+    DENY.get(&Key::new(128, DenyKey { addr: flow.dst })).is_some()
+}
+
+/// Verdict and reason for `flow` in a workload with `config`.
+#[inline(always)]
+pub fn evaluate(workload: u32, config: &WorkloadConfig, flow: &Flow) -> (u8, u32) {
+    if config.mode == MODE_LEARNING {
+        return (VERDICT_ALLOW, REASON_LEARNING);
+    }
+    let reason = if denied_for_all(flow) {
+        REASON_DENY_LIST
+    } else if allow_rule_matches(workload, flow) {
+        return (VERDICT_ALLOW, REASON_ALLOW_RULE);
+    } else {
+        REASON_NO_RULE
+    };
+    if config.mode == MODE_AUDIT {
+        (VERDICT_WOULD_DENY, reason)
+    } else {
+        (VERDICT_DENY, reason)
+    }
+}
+
+/// Whether the destination is new for the workload (and remembers it).
+#[inline(always)]
+fn first_sight(workload: u32, flow: &Flow, now: u64) -> bool {
+    let key = DestinationKey {
+        workload,
+        port: if flow.has_port { flow.dst_port } else { 0 },
+        protocol: flow.protocol,
+        reserved: 0,
+        addr: flow.dst,
+    };
+    if SEEN.get_ptr(&key).is_some() {
+        return false;
+    }
+    // A racing CPU may insert first; then both report, which is harmless.
+    let _ = SEEN.insert(&key, &now, u64::from(BPF_NOEXIST));
+    true
+}
+
+pub struct Decision {
+    pub workload: u32,
+    pub mode: u32,
+    pub verdict: u8,
+    pub reason: u32,
+    pub hook: u32,
+}
+
+/// Counts the decision and sends the events it calls for.
+#[inline(always)]
+pub fn report(decision: &Decision, flow: &Flow, task: &Task) {
+    let kind = match decision.verdict {
+        VERDICT_DENY => {
+            count(COUNTER_DENIED);
+            EVENT_DENIED
+        }
+        VERDICT_WOULD_DENY => {
+            count(COUNTER_WOULD_DENY);
+            EVENT_WOULD_DENY
+        }
+        _ => {
+            count(COUNTER_ALLOWED);
+            // SAFETY: helper without preconditions.
+            let now = unsafe { bpf_ktime_get_ns() };
+            if !first_sight(decision.workload, flow, now) {
+                return;
+            }
+            EVENT_NEW_DESTINATION
+        }
+    };
+    send_event(kind, decision, flow, task);
+}
+
+#[inline(always)]
+pub fn send_event(kind: u32, decision: &Decision, flow: &Flow, task: &Task) {
+    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+        count(COUNTER_RING_DROPS);
+        return;
+    };
+    entry.write(Event {
+        // SAFETY: helper without preconditions.
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        cgroup_id: task.cgroup_id,
+        tgid: task.tgid,
+        tid: task.tid,
+        workload: decision.workload,
+        kind,
+        reason: decision.reason,
+        hook: decision.hook,
+        mode: decision.mode,
+        src_port: flow.src_port,
+        dst_port: flow.dst_port,
+        src_addr: flow.src,
+        dst_addr: flow.dst,
+        comm: task.comm,
+        protocol: flow.protocol,
+        verdict: decision.verdict,
+        family: flow.family,
+        socket_type: flow.socket_type,
+        reserved: 0,
+    });
+    entry.submit(0);
+    count(COUNTER_EVENTS);
+}
