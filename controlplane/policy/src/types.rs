@@ -50,7 +50,9 @@ impl FromStr for Mode {
 }
 
 /// Transport protocol an allow rule applies to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Tcp,
@@ -62,6 +64,8 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    pub const ALL: [Protocol; 4] = [Protocol::Tcp, Protocol::Udp, Protocol::Icmp, Protocol::Any];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Protocol::Tcp => "tcp",
@@ -79,6 +83,20 @@ impl Protocol {
             Protocol::Udp => ip_protocol == IPPROTO_UDP,
             Protocol::Icmp => ip_protocol == IPPROTO_ICMP || ip_protocol == IPPROTO_ICMPV6,
         }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown protocol {0:?}: expected tcp, udp, icmp or any")]
+pub struct UnknownProtocol(pub String);
+
+impl FromStr for Protocol {
+    type Err = UnknownProtocol;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Protocol::ALL
+            .into_iter()
+            .find(|protocol| protocol.as_str() == s)
+            .ok_or_else(|| UnknownProtocol(s.to_owned()))
     }
 }
 
@@ -101,10 +119,16 @@ pub struct PortRange {
 }
 
 impl PortRange {
-    pub const ALL: PortRange = PortRange { first: 0, last: u16::MAX };
+    pub const ALL: PortRange = PortRange {
+        first: 0,
+        last: u16::MAX,
+    };
 
     pub fn single(port: u16) -> Self {
-        PortRange { first: port, last: port }
+        PortRange {
+            first: port,
+            last: port,
+        }
     }
 
     pub fn contains(self, port: u16) -> bool {
@@ -131,4 +155,35 @@ pub enum Unmatched {
     Allow,
     /// Treated as the workload named `host`.
     Apply,
+}
+
+impl Unmatched {
+    pub const ALL: [Unmatched; 2] = [Unmatched::Allow, Unmatched::Apply];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unmatched::Allow => "allow",
+            Unmatched::Apply => "apply",
+        }
+    }
+}
+
+impl fmt::Display for Unmatched {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown value {0:?} for unmatched: expected allow or apply")]
+pub struct UnknownUnmatched(pub String);
+
+impl FromStr for Unmatched {
+    type Err = UnknownUnmatched;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Unmatched::ALL
+            .into_iter()
+            .find(|unmatched| unmatched.as_str() == s)
+            .ok_or_else(|| UnknownUnmatched(s.to_owned()))
+    }
 }

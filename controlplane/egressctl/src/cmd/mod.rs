@@ -1,0 +1,21 @@
+//! One module per subcommand, each with its `Args` and a `run`.
+
+pub mod check;
+pub mod events;
+pub mod mode;
+pub mod reload;
+pub mod status;
+
+use std::process::ExitCode;
+
+use crate::cli::{Cli, Command};
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Mode(args) => mode::run(&cli.socket, &args),
+        Command::Status(args) => status::run(&cli.socket, &args),
+        Command::Reload(args) => reload::run(&cli.socket, &args),
+        Command::Check(args) => check::run(&args),
+        Command::Events(args) => events::run(&cli.socket, &args),
+    }
+}

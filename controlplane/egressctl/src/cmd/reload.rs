@@ -1,0 +1,18 @@
+//! `egressctl reload`
+
+use std::io::{self, Write};
+use std::path::Path;
+use std::process::ExitCode;
+
+use egressd_proto::Request;
+
+use crate::client::{Client, TIMEOUT};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {}
+
+pub fn run(socket: &Path, _args: &Args) -> anyhow::Result<ExitCode> {
+    let message = Client::connect(socket, Some(TIMEOUT))?.call_for_message(&Request::Reload)?;
+    writeln!(io::stdout().lock(), "{message}")?;
+    Ok(ExitCode::SUCCESS)
+}

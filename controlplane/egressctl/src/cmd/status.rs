@@ -1,0 +1,265 @@
+//! `egressctl status [--json]`
+
+use std::fmt::Write as _;
+use std::io::{self, Write};
+use std::path::Path;
+use std::process::ExitCode;
+
+use egressd_proto::{ModeSource, Request, Response, StatusReport};
+
+use crate::client::{Client, TIMEOUT, unexpected};
+use crate::text::{clean, table};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Print the daemon's status report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(socket: &Path, args: &Args) -> anyhow::Result<ExitCode> {
+    let report = match Client::connect(socket, Some(TIMEOUT))?.call(&Request::Status)? {
+        Response::Status(report) => report,
+        other => return Err(unexpected(other)),
+    };
+    let text = if args.json {
+        let mut json = serde_json::to_string_pretty(&report)?;
+        json.push('\n');
+        json
+    } else {
+        format_status(&report)
+    };
+    io::stdout().lock().write_all(text.as_bytes())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Length of the hash prefix shown in human output.
+const SHORT_SHA: usize = 12;
+
+/// The human form of a status report.
+pub fn format_status(report: &StatusReport) -> String {
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = write_status(&mut out, report);
+    out
+}
+
+fn write_status(out: &mut String, report: &StatusReport) -> std::fmt::Result {
+    let policy = &report.policy;
+    let sha = policy.sha256.get(..SHORT_SHA).unwrap_or(&policy.sha256);
+    writeln!(
+        out,
+        "egressd {} (pid {}), running since {}",
+        report.version, report.pid, report.started_at
+    )?;
+    writeln!(
+        out,
+        "policy:       {} (sha256 {sha}, loaded {})",
+        clean(&policy.path),
+        policy.loaded_at
+    )?;
+    if let Some(failure) = &policy.last_error {
+        writeln!(out)?;
+        writeln!(
+            out,
+            "!! LAST RELOAD FAILED at {}; the policy above is still in force:",
+            failure.at
+        )?;
+        for line in failure.message.lines() {
+            writeln!(out, "!!   {}", clean(line))?;
+        }
+        writeln!(out)?;
+    }
+    let default = &report.default_mode;
+    writeln!(
+        out,
+        "default mode: {} ({})",
+        default.mode,
+        describe_source(default.source)
+    )?;
+    writeln!(out, "unmatched:    {}", clean(&report.unmatched))?;
+    writeln!(out)?;
+
+    if report.workloads.is_empty() {
+        writeln!(out, "no workloads")?;
+    } else {
+        let rows: Vec<Vec<String>> = report
+            .workloads
+            .iter()
+            .map(|workload| {
+                vec![
+                    clean(&workload.name).into_owned(),
+                    workload.mode.to_string(),
+                    workload.mode_source.to_string(),
+                    workload.cgroups.len().to_string(),
+                    format!("{}/{}", workload.cidr_rules, workload.fqdn_rules),
+                    if workload.raw_sockets { "yes" } else { "no" }.to_owned(),
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            &[
+                "WORKLOAD",
+                "MODE",
+                "SOURCE",
+                "CGROUPS",
+                "RULES(cidr/fqdn)",
+                "RAW",
+            ],
+            &rows,
+        ));
+    }
+    writeln!(out)?;
+
+    let datapath = &report.datapath;
+    let programs = if datapath.programs.is_empty() {
+        "none".to_owned()
+    } else {
+        datapath.programs.join(", ")
+    };
+    writeln!(
+        out,
+        "datapath:     cgroup root {}, programs: {programs}",
+        clean(&datapath.cgroup_root)
+    )?;
+    writeln!(
+        out,
+        "counters:     events {}, ring buffer drops {}, allowed {}, denied {}, would-deny {}",
+        datapath.events,
+        datapath.ring_buffer_drops,
+        datapath.allowed,
+        datapath.denied,
+        datapath.would_deny
+    )?;
+    if datapath.ring_buffer_drops > 0 {
+        writeln!(
+            out,
+            "warning:      {} events were lost (ring buffer full)",
+            datapath.ring_buffer_drops
+        )?;
+    }
+    Ok(())
+}
+
+fn describe_source(source: ModeSource) -> &'static str {
+    match source {
+        ModeSource::File => "from the policy file",
+        ModeSource::Command => "set by egressctl mode; `egressctl mode file` reverts",
+        ModeSource::Default => "built-in default",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use egressd_proto::{
+        DatapathStatus, Mode, ModeStatus, PolicyStatus, ReloadFailure, WorkloadStatus,
+    };
+
+    use super::*;
+
+    fn report() -> StatusReport {
+        StatusReport {
+            version: "0.1.0".into(),
+            pid: 77,
+            started_at: "2026-11-23T09:00:00Z".into(),
+            policy: PolicyStatus {
+                path: "/etc/egressd/policy.toml".into(),
+                sha256: "0123456789abcdef".repeat(4),
+                loaded_at: "2026-11-23T09:00:01Z".into(),
+                last_error: None,
+            },
+            default_mode: ModeStatus {
+                mode: Mode::Audit,
+                source: ModeSource::File,
+            },
+            unmatched: "allow".into(),
+            workloads: vec![
+                WorkloadStatus {
+                    name: "vendor-agent".into(),
+                    id: 1,
+                    mode: Mode::Strict,
+                    mode_source: ModeSource::Command,
+                    cgroup: Some("system.slice/vendor-agent.service".into()),
+                    cgroups: vec!["/sys/fs/cgroup/system.slice/vendor-agent.service".into()],
+                    cidr_rules: 2,
+                    fqdn_rules: 1,
+                    raw_sockets: false,
+                },
+                WorkloadStatus {
+                    name: "host".into(),
+                    id: 2,
+                    mode: Mode::Audit,
+                    mode_source: ModeSource::File,
+                    cgroup: None,
+                    cgroups: vec![],
+                    cidr_rules: 10,
+                    fqdn_rules: 0,
+                    raw_sockets: true,
+                },
+            ],
+            datapath: DatapathStatus {
+                cgroup_root: "/sys/fs/cgroup".into(),
+                programs: vec!["connect4".into(), "connect6".into()],
+                events: 10,
+                ring_buffer_drops: 0,
+                allowed: 5,
+                denied: 3,
+                would_deny: 2,
+            },
+        }
+    }
+
+    #[test]
+    fn human_status() {
+        assert_eq!(
+            format_status(&report()),
+            "\
+egressd 0.1.0 (pid 77), running since 2026-11-23T09:00:00Z
+policy:       /etc/egressd/policy.toml (sha256 0123456789ab, loaded 2026-11-23T09:00:01Z)
+default mode: audit (from the policy file)
+unmatched:    allow
+
+WORKLOAD      MODE    SOURCE   CGROUPS  RULES(cidr/fqdn)  RAW
+vendor-agent  strict  command  1        2/1               no
+host          audit   file     0        10/0              yes
+
+datapath:     cgroup root /sys/fs/cgroup, programs: connect4, connect6
+counters:     events 10, ring buffer drops 0, allowed 5, denied 3, would-deny 2
+"
+        );
+    }
+
+    #[test]
+    fn reload_failure_is_prominent() {
+        let mut report = report();
+        report.policy.last_error = Some(ReloadFailure {
+            at: "2026-11-23T09:30:00Z".into(),
+            message: "p.toml:3:1: unknown field `alow`\np.toml:9:5: bad CIDR".into(),
+        });
+        report.default_mode.source = ModeSource::Command;
+        report.datapath.ring_buffer_drops = 4;
+        report.workloads.clear();
+        let text = format_status(&report);
+        assert!(
+            text.contains(
+                "\n!! LAST RELOAD FAILED at 2026-11-23T09:30:00Z; the policy above is still in force:\n\
+                 !!   p.toml:3:1: unknown field `alow`\n\
+                 !!   p.toml:9:5: bad CIDR\n\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("default mode: audit (set by egressctl mode;"),
+            "{text}"
+        );
+        assert!(text.contains("\nno workloads\n"), "{text}");
+        assert!(text.contains("warning:      4 events were lost"), "{text}");
+    }
+
+    #[test]
+    fn short_hashes_are_shown_whole() {
+        let mut report = report();
+        report.policy.sha256 = "abc".into();
+        assert!(format_status(&report).contains("(sha256 abc, loaded"));
+    }
+}

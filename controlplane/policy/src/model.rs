@@ -1,0 +1,177 @@
+//! The validated policy and its reference matching semantics.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use crate::cgroup::CgroupPattern;
+use crate::cidr::canonical_ip;
+use crate::error::Location;
+use crate::fqdn::FqdnPattern;
+use crate::types::{Mode, PortRange, Protocol, Unmatched};
+
+/// The workload that processes in no workload join when `unmatched = "apply"`.
+pub const HOST_WORKLOAD: &str = "host";
+
+/// Most workloads one policy may define (bounded by the datapath's map sizes).
+pub const MAX_WORKLOADS: usize = 4000;
+
+/// A validated `/etc/egressd/policy.toml`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// Mode of workloads that set none.
+    pub mode: Mode,
+    pub defaults: Defaults,
+    pub dns: DnsSettings,
+    pub workloads: Vec<Workload>,
+    pub source: PolicySource,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Defaults {
+    /// Default `allow`: processes in no workload are left alone.
+    pub unmatched: Unmatched,
+    /// Denied for every workload, even where an allow rule matches. Default empty.
+    pub deny: Vec<IpNet>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsSettings {
+    /// Empty (the default) means the resolvers of /etc/resolv.conf.
+    pub resolvers: Vec<IpAddr>,
+    /// Shortest time a learned address stays allowed. Default 60 s.
+    pub min_ttl: Duration,
+    /// Cap on addresses remembered per name. Default 512.
+    pub max_ips_per_name: u32,
+    /// Extra time an address stays allowed after its TTL ran out. Default 10 s.
+    pub grace: Duration,
+}
+
+impl DnsSettings {
+    pub const DEFAULT_MIN_TTL: Duration = Duration::from_secs(60);
+    pub const DEFAULT_MAX_IPS_PER_NAME: u32 = 512;
+    pub const MAX_IPS_PER_NAME_LIMIT: u32 = 65536;
+    pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
+}
+
+impl Default for DnsSettings {
+    fn default() -> Self {
+        DnsSettings {
+            resolvers: Vec::new(),
+            min_ttl: Self::DEFAULT_MIN_TTL,
+            max_ips_per_name: Self::DEFAULT_MAX_IPS_PER_NAME,
+            grace: Self::DEFAULT_GRACE,
+        }
+    }
+}
+
+/// Where the policy came from, for status output and change detection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicySource {
+    pub path: PathBuf,
+    /// Lowercase hex SHA-256 of the file's bytes.
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    pub name: String,
+    /// `None` only for the `host` workload.
+    pub cgroup: Option<CgroupPattern>,
+    /// `None` = the policy's top-level mode.
+    pub mode: Option<Mode>,
+    pub raw_sockets: bool,
+    pub allow: Vec<AllowRule>,
+    /// Where the workload's table starts.
+    pub location: Location,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowRule {
+    pub destination: Destination,
+    /// Empty = all ports.
+    pub ports: Vec<PortRange>,
+    pub protocol: Protocol,
+    pub reason: Option<String>,
+    pub location: Location,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Destination {
+    Cidr(IpNet),
+    Fqdn(FqdnPattern),
+}
+
+impl std::fmt::Display for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Destination::Cidr(net) => write!(f, "{net}"),
+            Destination::Fqdn(pattern) => write!(f, "{pattern}"),
+        }
+    }
+}
+
+impl Policy {
+    pub fn workload(&self, name: &str) -> Option<&Workload> {
+        self.workloads.iter().find(|workload| workload.name == name)
+    }
+
+    /// The mode the file asks for this workload: its own, else the policy's.
+    pub fn effective_file_mode(&self, workload: &Workload) -> Mode {
+        workload.mode.unwrap_or(self.mode)
+    }
+
+    /// [`Workload::allows`] with this policy's deny list.
+    pub fn allows(
+        &self,
+        workload: &Workload,
+        destination: IpAddr,
+        ip_protocol: u8,
+        port: Option<u16>,
+    ) -> bool {
+        workload.allows(&self.defaults.deny, destination, ip_protocol, port)
+    }
+}
+
+impl Workload {
+    /// Reference semantics of the kernel datapath for CIDR rules (FQDN rules are not
+    /// matched here): the deny list wins, then any matching CIDR rule allows.
+    /// IPv4-mapped IPv6 destinations are judged as IPv4.
+    pub fn allows(
+        &self,
+        deny: &[IpNet],
+        destination: IpAddr,
+        ip_protocol: u8,
+        port: Option<u16>,
+    ) -> bool {
+        let destination = canonical_ip(destination);
+        if deny.iter().any(|net| net.contains(&destination)) {
+            return false;
+        }
+        self.allow
+            .iter()
+            .any(|rule| rule.matches_cidr(destination, ip_protocol, port))
+    }
+}
+
+impl AllowRule {
+    /// Whether this rule is a CIDR rule covering the packet.
+    pub fn matches_cidr(&self, destination: IpAddr, ip_protocol: u8, port: Option<u16>) -> bool {
+        match &self.destination {
+            Destination::Cidr(net) => {
+                net.contains(&canonical_ip(destination)) && self.matches_traffic(ip_protocol, port)
+            }
+            Destination::Fqdn(_) => false,
+        }
+    }
+
+    /// Protocol and port part of the match. A rule with ports never matches a packet
+    /// without one (ICMP).
+    pub fn matches_traffic(&self, ip_protocol: u8, port: Option<u16>) -> bool {
+        self.protocol.covers(ip_protocol)
+            && (self.ports.is_empty()
+                || port.is_some_and(|port| self.ports.iter().any(|range| range.contains(port))))
+    }
+}

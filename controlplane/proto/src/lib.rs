@@ -1,0 +1,21 @@
+//! The control socket between `egressctl` and `egressd`: wire types and framing.
+//!
+//! The protocol is newline-delimited JSON over a Unix stream socket: the client
+//! writes one [`Request`] per line, the daemon answers with one or more
+//! [`Response`] lines (a stream of [`Response::Event`] ended by
+//! [`Response::EndOfEvents`] for [`Request::Events`], one frame otherwise).
+//! A frame is at most [`MAX_FRAME`] bytes, newline excluded.
+//!
+//! This crate must stay small: the CLI depends on it and must never compile aya.
+#![forbid(unsafe_code)]
+
+mod frame;
+mod messages;
+
+pub use frame::{
+    MAX_FRAME, ProtoError, read_frame, read_frame_async, write_frame, write_frame_async,
+};
+pub use messages::*;
+
+/// Where the daemon listens unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/egressd/egressd.sock";

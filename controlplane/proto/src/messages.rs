@@ -1,0 +1,501 @@
+//! Requests, responses and the reports they carry.
+//!
+//! Everything here is a wire contract between `egressctl` and `egressd`: add
+//! variants and optional fields, never rename or renumber.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+pub use egressd_policy::Mode;
+
+/// One request from a client; the `request` field names the kind.
+///
+/// Unknown fields are rejected, except on the field-less kinds (`status`,
+/// `reload`), where serde ignores them.
+///
+/// ```json
+/// {"request":"set_mode","mode":"strict","workload":"vendor-agent"}
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Answered by [`Response::Status`].
+    Status,
+    /// Overrides the mode of one workload, or the default mode when `workload`
+    /// is `None`. Answered by [`Response::Done`] or [`Response::Error`].
+    SetMode {
+        mode: ModeSetting,
+        #[serde(default)]
+        workload: Option<String>,
+    },
+    /// Re-reads the policy file. Answered by [`Response::Done`] or
+    /// [`Response::Error`] (the last good policy stays in force).
+    Reload,
+    /// The recent events the daemon keeps (at most `limit`, newest last), then,
+    /// if `follow`, live ones. Answered by [`Response::Event`] frames, then
+    /// [`Response::EndOfEvents`]. When following, no `EndOfEvents` separates the
+    /// backlog from live events; the stream ends when the connection closes (or
+    /// with `EndOfEvents`, e.g. at shutdown, after which clients stop reading).
+    Events {
+        #[serde(default)]
+        follow: bool,
+        #[serde(default)]
+        limit: Option<usize>,
+    },
+}
+
+/// The mode a `set_mode` request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModeSetting {
+    Learning,
+    Audit,
+    Strict,
+    /// Drop the command override: back to what the policy file says.
+    File,
+}
+
+impl ModeSetting {
+    pub const ALL: [ModeSetting; 4] = [
+        ModeSetting::Learning,
+        ModeSetting::Audit,
+        ModeSetting::Strict,
+        ModeSetting::File,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModeSetting::Learning => "learning",
+            ModeSetting::Audit => "audit",
+            ModeSetting::Strict => "strict",
+            ModeSetting::File => "file",
+        }
+    }
+
+    /// The mode to force, or `None` for [`ModeSetting::File`].
+    pub fn mode(self) -> Option<Mode> {
+        match self {
+            ModeSetting::Learning => Some(Mode::Learning),
+            ModeSetting::Audit => Some(Mode::Audit),
+            ModeSetting::Strict => Some(Mode::Strict),
+            ModeSetting::File => None,
+        }
+    }
+}
+
+impl From<Mode> for ModeSetting {
+    fn from(mode: Mode) -> Self {
+        match mode {
+            Mode::Learning => ModeSetting::Learning,
+            Mode::Audit => ModeSetting::Audit,
+            Mode::Strict => ModeSetting::Strict,
+        }
+    }
+}
+
+impl fmt::Display for ModeSetting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A string that names no [`ModeSetting`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown mode {0:?}: expected learning, audit, strict or file")]
+pub struct UnknownModeSetting(pub String);
+
+impl FromStr for ModeSetting {
+    type Err = UnknownModeSetting;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        ModeSetting::ALL
+            .into_iter()
+            .find(|setting| setting.as_str() == s)
+            .ok_or_else(|| UnknownModeSetting(s.to_owned()))
+    }
+}
+
+/// One response frame from the daemon; the `response` field names the kind.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "response", rename_all = "snake_case")]
+pub enum Response {
+    Status(StatusReport),
+    /// The request was carried out; `message` says what changed.
+    Done {
+        message: String,
+    },
+    /// The request failed; nothing changed.
+    Error {
+        message: String,
+    },
+    Event(EventRecord),
+    /// No more events follow (the end of the backlog of a non-follow request).
+    EndOfEvents,
+}
+
+/// What `egressctl status` shows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// Daemon version (`CARGO_PKG_VERSION`).
+    pub version: String,
+    pub pid: u32,
+    /// RFC 3339.
+    pub started_at: String,
+    pub policy: PolicyStatus,
+    pub default_mode: ModeStatus,
+    /// What happens to processes in no workload: `"allow"` or `"apply"`.
+    pub unmatched: String,
+    pub workloads: Vec<WorkloadStatus>,
+    pub datapath: DatapathStatus,
+}
+
+/// The policy in force and the outcome of the last reload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyStatus {
+    pub path: String,
+    /// Hex SHA-256 of the file contents in force.
+    pub sha256: String,
+    /// RFC 3339.
+    pub loaded_at: String,
+    /// The last reload failed (the policy above is still in force); cleared by
+    /// the next successful load.
+    pub last_error: Option<ReloadFailure>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReloadFailure {
+    /// RFC 3339.
+    pub at: String,
+    /// The loader's diagnostics, one `PATH:LINE:COL: message` per line.
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModeStatus {
+    pub mode: Mode,
+    pub source: ModeSource,
+}
+
+/// Where an effective mode comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModeSource {
+    /// The policy file.
+    File,
+    /// An `egressctl mode` override.
+    Command,
+    /// Nothing set it: the built-in default.
+    Default,
+}
+
+impl ModeSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModeSource::File => "file",
+            ModeSource::Command => "command",
+            ModeSource::Default => "default",
+        }
+    }
+}
+
+impl fmt::Display for ModeSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkloadStatus {
+    pub name: String,
+    /// The datapath's workload id.
+    pub id: u32,
+    /// Effective mode.
+    pub mode: Mode,
+    pub mode_source: ModeSource,
+    /// The cgroup pattern from the policy, if any.
+    pub cgroup: Option<String>,
+    /// Cgroup paths currently matched.
+    pub cgroups: Vec<String>,
+    pub cidr_rules: usize,
+    pub fqdn_rules: usize,
+    pub raw_sockets: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatapathStatus {
+    pub cgroup_root: String,
+    /// Names of the attached programs.
+    pub programs: Vec<String>,
+    pub events: u64,
+    pub ring_buffer_drops: u64,
+    pub allowed: u64,
+    pub denied: u64,
+    pub would_deny: u64,
+}
+
+/// One datapath event as the daemon reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventRecord {
+    /// RFC 3339 UTC with milliseconds.
+    pub time: String,
+    pub kind: EventKind,
+    pub workload: Option<String>,
+    pub cgroup_id: u64,
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+    /// `tcp`, `udp`, `icmp`, `icmpv6`, `raw` or the IP protocol number.
+    pub protocol: String,
+    /// `ip:port`, `[v6]:port` or a bare ip, when known.
+    pub source: Option<String>,
+    pub destination: String,
+    /// `allow`, `deny` or `would_deny`.
+    pub verdict: String,
+    /// Why: `allow_rule`, `no_rule`, `deny_list`, `raw_socket`, `learning`, ...
+    pub reason: String,
+    /// `connect4`, `connect6`, `sendmsg4`, `sendmsg6`, `egress` or `sock_create`.
+    pub hook: String,
+    pub mode: Mode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// A destination not seen before for this workload.
+    NewDestination,
+    Denied,
+    /// Strict mode would have denied it (audit mode).
+    WouldDeny,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::NewDestination => "new_destination",
+            EventKind::Denied => "denied",
+            EventKind::WouldDeny => "would_deny",
+        }
+    }
+}
+
+impl fmt::Display for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Examples of every message kind, shared with the framing tests.
+    pub(crate) fn sample_event() -> EventRecord {
+        EventRecord {
+            time: "2026-11-23T10:00:00.123Z".into(),
+            kind: EventKind::Denied,
+            workload: Some("vendor-agent".into()),
+            cgroup_id: 4242,
+            pid: 123,
+            tid: 124,
+            comm: "curl".into(),
+            protocol: "tcp".into(),
+            source: Some("10.0.0.1:5555".into()),
+            destination: "127.0.0.9:80".into(),
+            verdict: "deny".into(),
+            reason: "no_rule".into(),
+            hook: "connect4".into(),
+            mode: Mode::Strict,
+        }
+    }
+
+    pub(crate) fn sample_status() -> StatusReport {
+        StatusReport {
+            version: "0.1.0".into(),
+            pid: 77,
+            started_at: "2026-11-23T09:00:00Z".into(),
+            policy: PolicyStatus {
+                path: "/etc/egressd/policy.toml".into(),
+                sha256: "ab".repeat(32),
+                loaded_at: "2026-11-23T09:00:01Z".into(),
+                last_error: Some(ReloadFailure {
+                    at: "2026-11-23T09:30:00Z".into(),
+                    message: "/etc/egressd/policy.toml:3:1: unknown field `alow`".into(),
+                }),
+            },
+            default_mode: ModeStatus {
+                mode: Mode::Audit,
+                source: ModeSource::File,
+            },
+            unmatched: "allow".into(),
+            workloads: vec![WorkloadStatus {
+                name: "vendor-agent".into(),
+                id: 1,
+                mode: Mode::Strict,
+                mode_source: ModeSource::Command,
+                cgroup: Some("system.slice/vendor-agent.service".into()),
+                cgroups: vec!["/sys/fs/cgroup/system.slice/vendor-agent.service".into()],
+                cidr_rules: 2,
+                fqdn_rules: 1,
+                raw_sockets: false,
+            }],
+            datapath: DatapathStatus {
+                cgroup_root: "/sys/fs/cgroup".into(),
+                programs: vec!["connect4".into(), "connect6".into()],
+                events: 10,
+                ring_buffer_drops: 0,
+                allowed: 5,
+                denied: 3,
+                would_deny: 2,
+            },
+        }
+    }
+
+    pub(crate) fn all_requests() -> Vec<Request> {
+        let mut requests = vec![Request::Status, Request::Reload];
+        for mode in ModeSetting::ALL {
+            requests.push(Request::SetMode {
+                mode,
+                workload: None,
+            });
+            requests.push(Request::SetMode {
+                mode,
+                workload: Some("web".into()),
+            });
+        }
+        requests.push(Request::Events {
+            follow: false,
+            limit: None,
+        });
+        requests.push(Request::Events {
+            follow: true,
+            limit: Some(50),
+        });
+        requests
+    }
+
+    pub(crate) fn all_responses() -> Vec<Response> {
+        let mut no_error = sample_status();
+        no_error.policy.last_error = None;
+        let mut new_destination = sample_event();
+        new_destination.kind = EventKind::NewDestination;
+        new_destination.workload = None;
+        new_destination.source = None;
+        let mut would_deny = sample_event();
+        would_deny.kind = EventKind::WouldDeny;
+        vec![
+            Response::Status(sample_status()),
+            Response::Status(no_error),
+            Response::Done {
+                message: "reloaded".into(),
+            },
+            Response::Error {
+                message: "no workload named \"x\"".into(),
+            },
+            Response::Event(sample_event()),
+            Response::Event(new_destination),
+            Response::Event(would_deny),
+            Response::EndOfEvents,
+        ]
+    }
+
+    #[test]
+    fn every_request_round_trips() {
+        for request in all_requests() {
+            let json = serde_json::to_string(&request).expect("serialize");
+            let back: Request = serde_json::from_str(&json).expect(&json);
+            assert_eq!(back, request, "{json}");
+        }
+    }
+
+    #[test]
+    fn every_response_round_trips() {
+        for response in all_responses() {
+            let json = serde_json::to_string(&response).expect("serialize");
+            let back: Response = serde_json::from_str(&json).expect(&json);
+            assert_eq!(back, response, "{json}");
+        }
+    }
+
+    #[test]
+    fn wire_shapes_are_stable() {
+        let set_mode = Request::SetMode {
+            mode: ModeSetting::File,
+            workload: Some("web".into()),
+        };
+        assert_eq!(
+            serde_json::to_value(&set_mode).expect("serialize"),
+            serde_json::json!({"request": "set_mode", "mode": "file", "workload": "web"})
+        );
+        assert_eq!(
+            serde_json::to_value(Request::Status).expect("serialize"),
+            serde_json::json!({"request": "status"})
+        );
+        assert_eq!(
+            serde_json::to_value(Response::EndOfEvents).expect("serialize"),
+            serde_json::json!({"response": "end_of_events"})
+        );
+        let event = serde_json::to_value(Response::Event(sample_event())).expect("serialize");
+        assert_eq!(event["response"], "event");
+        assert_eq!(event["kind"], "denied");
+        assert_eq!(event["mode"], "strict");
+        let status = serde_json::to_value(Response::Status(sample_status())).expect("serialize");
+        assert_eq!(status["response"], "status");
+        assert_eq!(status["default_mode"]["source"], "file");
+        assert_eq!(status["workloads"][0]["mode_source"], "command");
+    }
+
+    #[test]
+    fn optional_request_fields_may_be_omitted() {
+        let request: Request =
+            serde_json::from_str(r#"{"request":"set_mode","mode":"audit"}"#).expect("parse");
+        assert_eq!(
+            request,
+            Request::SetMode {
+                mode: ModeSetting::Audit,
+                workload: None
+            }
+        );
+        let request: Request = serde_json::from_str(r#"{"request":"events"}"#).expect("parse");
+        assert_eq!(
+            request,
+            Request::Events {
+                follow: false,
+                limit: None
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_request_fields_are_rejected() {
+        // serde cannot deny unknown fields of unit variants of an internally
+        // tagged enum: they are ignored there (documented on `Request`).
+        let request: Request = serde_json::from_str(r#"{"request":"reload","force":true}"#)
+            .expect("unit variant ignores fields");
+        assert_eq!(request, Request::Reload);
+        let err = serde_json::from_str::<Request>(r#"{"request":"events","folow":true}"#)
+            .expect_err("unknown field");
+        assert!(err.to_string().contains("folow"), "{err}");
+        let err = serde_json::from_str::<Request>(
+            r#"{"request":"set_mode","mode":"audit","workloads":"x"}"#,
+        )
+        .expect_err("unknown field");
+        assert!(err.to_string().contains("workloads"), "{err}");
+    }
+
+    #[test]
+    fn mode_setting_parses_and_prints() {
+        for setting in ModeSetting::ALL {
+            assert_eq!(setting.as_str().parse::<ModeSetting>(), Ok(setting));
+            assert_eq!(setting.to_string(), setting.as_str());
+        }
+        assert_eq!(
+            "enforce".parse::<ModeSetting>(),
+            Err(UnknownModeSetting("enforce".into()))
+        );
+        for mode in Mode::ALL {
+            assert_eq!(ModeSetting::from(mode).mode(), Some(mode));
+        }
+        assert_eq!(ModeSetting::File.mode(), None);
+    }
+}
