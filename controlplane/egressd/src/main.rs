@@ -1,1 +1,168 @@
-fn main() {}
+//! egressd: node-level egress firewall daemon.
+#![forbid(unsafe_code)]
+
+mod cgroups;
+mod control;
+mod engine;
+mod events;
+mod modes;
+
+use std::io::IsTerminal as _;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use futures_util::StreamExt as _;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+
+use crate::control::Shared;
+use crate::engine::Engine;
+use crate::events::EventHub;
+
+/// How often cgroups matching workload patterns are looked for again (new services, pods).
+const CGROUP_RESCAN: Duration = Duration::from_secs(2);
+const EVENT_BATCH: usize = 1024;
+
+#[derive(Debug, Parser)]
+#[command(name = "egressd", version, about = "Node-level egress firewall: eBPF on cgroup v2")]
+struct Args {
+    /// Policy file.
+    #[arg(long, default_value = "/etc/egressd/policy.toml")]
+    config: PathBuf,
+    /// Where modes set with `egressctl mode` are kept across restarts.
+    #[arg(long, default_value = "/var/lib/egressd")]
+    state_dir: PathBuf,
+    /// Control socket for egressctl.
+    #[arg(long, default_value = egressd_proto::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Cgroup v2 mount to attach at (default: found in /proc/self/mounts).
+    #[arg(long)]
+    cgroup_root: Option<PathBuf>,
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EGRESSD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
+    if json {
+        builder.json().flatten_event(true).with_current_span(false).init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let json = !std::io::stdout().is_terminal();
+    init_logging(json);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::error!("starting the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args, json)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("egressd failed: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args, json: bool) -> anyhow::Result<()> {
+    // Everything that can be wrong with the input is checked before touching the kernel.
+    let policy = egressd_policy::load(&args.config).map_err(|e| anyhow::anyhow!(engine::error_chain(&e)))?;
+    std::fs::create_dir_all(&args.state_dir)
+        .with_context(|| format!("creating state directory {}", args.state_dir.display()))?;
+    let modes = modes::ModeOverrides::load(&args.state_dir)?;
+    let cgroup_root = match args.cgroup_root {
+        Some(root) => root,
+        None => egressd_datapath::cgroup2_mount()?,
+    };
+    let listener = control::bind(&args.socket)?;
+
+    let mut datapath = egressd_datapath::Datapath::load(&cgroup_root)
+        .with_context(|| format!("loading the eBPF datapath at {}", cgroup_root.display()))?;
+    let mut events = datapath.take_events()?;
+    if let Some(kernel_log) = datapath.take_kernel_log() {
+        tokio::spawn(kernel_log.run());
+    }
+    let engine = Engine::new(datapath, policy, modes, args.config.clone())?;
+    let shared = Arc::new(Shared {
+        engine: Mutex::new(engine),
+        events: EventHub::new(json),
+    });
+
+    let reader_shared = shared.clone();
+    tokio::spawn(async move {
+        let mut batch = Vec::with_capacity(EVENT_BATCH);
+        loop {
+            batch.clear();
+            match events.next_batch(&mut batch, EVENT_BATCH).await {
+                Ok(undecodable) if undecodable > 0 => {
+                    tracing::warn!("{undecodable} event records could not be decoded");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!("event ring buffer: {e}");
+                    return;
+                }
+            }
+            for event in &batch {
+                let name = match reader_shared.engine.lock() {
+                    Ok(engine) => engine.workload_name(event.workload),
+                    Err(_) => None,
+                };
+                reader_shared.events.publish(events::record(event, name));
+            }
+        }
+    });
+
+    let rescan_shared = shared.clone();
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(CGROUP_RESCAN);
+        loop {
+            ticker.tick().await;
+            if let Ok(mut engine) = rescan_shared.engine.lock()
+                && let Err(e) = engine.rescan_cgroups()
+            {
+                tracing::error!("updating workload cgroups: {e:#}");
+            }
+        }
+    });
+
+    tokio::spawn(control::serve(listener, shared.clone(), args.socket.clone()));
+    tracing::info!(
+        cgroup_root = %cgroup_root.display(),
+        socket = %args.socket.display(),
+        config = %args.config.display(),
+        "egressd ready"
+    );
+
+    let mut signals = signal_hook_tokio::Signals::new([SIGHUP, SIGTERM, SIGINT])
+        .context("installing signal handlers")?;
+    while let Some(signal) = signals.next().await {
+        match signal {
+            SIGHUP => {
+                if let Ok(mut engine) = shared.engine.lock() {
+                    // The outcome is logged and shown by `egressctl status`.
+                    let _ = engine.reload();
+                }
+            }
+            _ => {
+                tracing::info!("signal {signal}: stopping; programs detach and enforcement ends");
+                break;
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&args.socket);
+    Ok(())
+}

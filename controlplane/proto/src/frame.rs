@@ -12,7 +12,8 @@ use serde::de::DeserializeOwned;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Largest frame, in bytes, not counting its newline.
-pub const MAX_FRAME: usize = 64 * 1024;
+/// Large enough for a status report of thousands of workloads; requests are far smaller.
+pub const MAX_FRAME: usize = 8 * 1024 * 1024;
 
 /// What can go wrong reading or writing a frame. Every message is complete in
 /// its `Display`.

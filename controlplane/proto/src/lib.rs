@@ -4,7 +4,7 @@
 //! writes one [`Request`] per line, the daemon answers with one or more
 //! [`Response`] lines (a stream of [`Response::Event`] ended by
 //! [`Response::EndOfEvents`] for [`Request::Events`], one frame otherwise).
-//! A frame is at most [`MAX_FRAME`] bytes, newline excluded.
+//! A frame is at most [`MAX_FRAME`] bytes (8 MiB), newline excluded.
 //!
 //! This crate must stay small: the CLI depends on it and must never compile aya.
 #![forbid(unsafe_code)]

@@ -1,0 +1,342 @@
+//! The daemon's state: the policy in force, workload ids, modes, and the datapath it drives.
+//! Every change goes through here: compile first, then apply, and keep the last good state
+//! when anything fails.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use egressd_datapath::{CidrRule, Datapath, DatapathPolicy, MAX_WORKLOAD_ID, WorkloadSpec};
+use egressd_policy::{Destination, HOST_WORKLOAD, Policy, Unmatched, Workload};
+use egressd_proto::{
+    DatapathStatus, ModeSetting, ModeStatus, PolicyStatus, ReloadFailure, StatusReport,
+    WorkloadStatus,
+};
+
+use crate::cgroups;
+use crate::modes::ModeOverrides;
+
+pub fn rfc3339(time: SystemTime) -> String {
+    humantime::format_rfc3339_millis(time).to_string()
+}
+
+/// The implicit `host` workload used when `unmatched = "apply"` and the file defines none.
+fn implicit_host() -> Workload {
+    Workload {
+        name: HOST_WORKLOAD.to_owned(),
+        cgroup: None,
+        mode: None,
+        raw_sockets: false,
+        allow: Vec::new(),
+        location: egressd_policy::Location { line: 0, column: 0 },
+    }
+}
+
+pub struct Engine {
+    datapath: Datapath,
+    policy: Policy,
+    policy_loaded_at: SystemTime,
+    last_error: Option<ReloadFailure>,
+    modes: ModeOverrides,
+    /// Stable ids by workload name for the daemon's lifetime.
+    ids: BTreeMap<String, u32>,
+    /// Matched cgroup paths per workload id, from the last scan.
+    cgroup_paths: BTreeMap<u32, Vec<String>>,
+    config_path: PathBuf,
+    started_at: SystemTime,
+}
+
+impl Engine {
+    pub fn new(
+        datapath: Datapath,
+        policy: Policy,
+        modes: ModeOverrides,
+        config_path: PathBuf,
+    ) -> anyhow::Result<Self> {
+        let mut engine = Engine {
+            datapath,
+            policy,
+            policy_loaded_at: SystemTime::now(),
+            last_error: None,
+            modes,
+            ids: BTreeMap::new(),
+            cgroup_paths: BTreeMap::new(),
+            config_path,
+            started_at: SystemTime::now(),
+        };
+        let policy = engine.policy.clone();
+        engine.install(&policy)?;
+        Ok(engine)
+    }
+
+    /// The workloads the datapath enforces, `host` included when it applies.
+    fn effective_workloads(policy: &Policy) -> Vec<Workload> {
+        let mut workloads = policy.workloads.clone();
+        if policy.defaults.unmatched == Unmatched::Apply
+            && policy.workload(HOST_WORKLOAD).is_none()
+        {
+            workloads.push(implicit_host());
+        }
+        workloads
+    }
+
+    /// Ids for `names`, keeping the ids of names seen before.
+    fn assign_ids(&self, names: &[&str]) -> anyhow::Result<BTreeMap<String, u32>> {
+        let mut ids: BTreeMap<String, u32> = names
+            .iter()
+            .filter_map(|name| self.ids.get(*name).map(|&id| ((*name).to_owned(), id)))
+            .collect();
+        let mut used: std::collections::BTreeSet<u32> = ids.values().copied().collect();
+        let mut next = 1;
+        for name in names {
+            if ids.contains_key(*name) {
+                continue;
+            }
+            while used.contains(&next) || self.ids.values().any(|&id| id == next) {
+                next += 1;
+            }
+            anyhow::ensure!(next <= MAX_WORKLOAD_ID, "more than {MAX_WORKLOAD_ID} workloads");
+            ids.insert((*name).to_owned(), next);
+            used.insert(next);
+        }
+        Ok(ids)
+    }
+
+    fn compile(
+        &self,
+        policy: &Policy,
+        ids: &BTreeMap<String, u32>,
+    ) -> (DatapathPolicy, BTreeMap<u32, Vec<String>>) {
+        let workloads = Self::effective_workloads(policy);
+        let patterns: Vec<(u32, &egressd_policy::CgroupPattern)> = workloads
+            .iter()
+            .filter_map(|w| Some((*ids.get(&w.name)?, w.cgroup.as_ref()?)))
+            .collect();
+        let (cgroup_ids, cgroup_paths) = cgroups::table(self.datapath.cgroup_root(), &patterns);
+        let mut by_workload: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+        for (&cgroup, &workload) in &cgroup_ids {
+            by_workload.entry(workload).or_default().push(cgroup);
+        }
+        let specs = workloads
+            .iter()
+            .filter_map(|workload| {
+                let id = *ids.get(&workload.name)?;
+                let (mode, _) = self.modes.resolve(policy, workload);
+                Some(WorkloadSpec {
+                    id,
+                    name: workload.name.clone(),
+                    mode,
+                    raw_sockets: workload.raw_sockets,
+                    cgroup_ids: by_workload.remove(&id).unwrap_or_default(),
+                    rules: cidr_rules(workload),
+                })
+            })
+            .collect();
+        let unmatched = (policy.defaults.unmatched == Unmatched::Apply)
+            .then(|| ids.get(HOST_WORKLOAD).copied())
+            .flatten();
+        (
+            DatapathPolicy {
+                workloads: specs,
+                deny: policy.defaults.deny.clone(),
+                unmatched,
+            },
+            cgroup_paths,
+        )
+    }
+
+    fn install(&mut self, policy: &Policy) -> anyhow::Result<()> {
+        let workloads = Self::effective_workloads(policy);
+        let names: Vec<&str> = workloads.iter().map(|w| w.name.as_str()).collect();
+        let ids = self.assign_ids(&names)?;
+        let (compiled, cgroup_paths) = self.compile(policy, &ids);
+        let stats = self.datapath.apply(&compiled)?;
+        tracing::info!(
+            policy = %policy.source.path.display(),
+            sha256 = %policy.source.sha256,
+            workloads = compiled.workloads.len(),
+            allow_entries = stats.allow_entries,
+            written = stats.allow_written,
+            removed = stats.allow_removed,
+            cgroups = stats.cgroups,
+            "policy applied"
+        );
+        self.ids = ids;
+        self.cgroup_paths = cgroup_paths;
+        Ok(())
+    }
+
+    /// Loads the policy file again; on any error the running policy stays in force.
+    pub fn reload(&mut self) -> Result<String, String> {
+        let result = egressd_policy::load(&self.config_path)
+            .map_err(|e| error_chain(&e))
+            .and_then(|policy| {
+                self.install(&policy).map_err(|e| format!("{e:#}"))?;
+                Ok(policy)
+            });
+        match result {
+            Ok(policy) => {
+                let message = format!(
+                    "policy {} reloaded ({} workloads, sha256 {})",
+                    policy.source.path.display(),
+                    policy.workloads.len(),
+                    short_hash(&policy.source.sha256)
+                );
+                self.policy = policy;
+                self.policy_loaded_at = SystemTime::now();
+                self.last_error = None;
+                tracing::info!("{message}");
+                Ok(message)
+            }
+            Err(message) => {
+                let message = format!("reload rejected, the previous policy stays in force: {message}");
+                tracing::error!("{message}");
+                self.last_error = Some(ReloadFailure {
+                    at: rfc3339(SystemTime::now()),
+                    message: message.clone(),
+                });
+                Err(message)
+            }
+        }
+    }
+
+    /// Picks up cgroups created or removed since the last scan (new services matching a glob).
+    pub fn rescan_cgroups(&mut self) -> anyhow::Result<()> {
+        let (compiled, cgroup_paths) = self.compile(&self.policy, &self.ids);
+        let table: BTreeMap<u64, u32> = compiled
+            .workloads
+            .iter()
+            .flat_map(|w| w.cgroup_ids.iter().map(move |&c| (c, w.id)))
+            .collect();
+        self.datapath.set_workload_cgroups(&table)?;
+        if cgroup_paths != self.cgroup_paths {
+            tracing::info!(cgroups = table.len(), "workload cgroups changed");
+            self.cgroup_paths = cgroup_paths;
+        }
+        Ok(())
+    }
+
+    pub fn set_mode(&mut self, setting: ModeSetting, workload: Option<&str>) -> Result<String, String> {
+        let workloads = Self::effective_workloads(&self.policy);
+        if let Some(name) = workload
+            && !workloads.iter().any(|w| w.name == name)
+        {
+            let known: Vec<&str> = workloads.iter().map(|w| w.name.as_str()).collect();
+            return Err(format!(
+                "no workload named {name:?} in {}; known: {}",
+                self.config_path.display(),
+                if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+            ));
+        }
+        self.modes
+            .set(workload, setting.mode())
+            .map_err(|e| format!("{e}"))?;
+        // Write every workload whose effective mode changed: one map write each.
+        for w in &workloads {
+            let Some(&id) = self.ids.get(&w.name) else { continue };
+            let (mode, _) = self.modes.resolve(&self.policy, w);
+            if let Err(e) = self.datapath.set_mode(id, mode, w.raw_sockets) {
+                return Err(format!("switching {} to {mode}: {e}", w.name));
+            }
+        }
+        let target = workload.map_or_else(|| "default mode".to_owned(), |w| format!("workload {w}"));
+        let message = match setting.mode() {
+            Some(mode) => format!("{target} set to {mode}"),
+            None => format!("{target} follows {} again", self.config_path.display()),
+        };
+        tracing::info!("{message}");
+        Ok(message)
+    }
+
+    pub fn workload_name(&self, id: u32) -> Option<String> {
+        self.ids
+            .iter()
+            .find_map(|(name, &wid)| (wid == id).then(|| name.clone()))
+    }
+
+    pub fn status(&self) -> StatusReport {
+        let counters = self.datapath.counters().unwrap_or_default();
+        let (default_mode, default_source) = self.modes.resolve_default(&self.policy);
+        let workloads = Self::effective_workloads(&self.policy)
+            .iter()
+            .map(|w| {
+                let id = self.ids.get(&w.name).copied().unwrap_or(0);
+                let (mode, mode_source) = self.modes.resolve(&self.policy, w);
+                let fqdn_rules = w
+                    .allow
+                    .iter()
+                    .filter(|r| matches!(r.destination, Destination::Fqdn(_)))
+                    .count();
+                WorkloadStatus {
+                    name: w.name.clone(),
+                    id,
+                    mode,
+                    mode_source,
+                    cgroup: w.cgroup.as_ref().map(|c| c.as_str().to_owned()),
+                    cgroups: self.cgroup_paths.get(&id).cloned().unwrap_or_default(),
+                    cidr_rules: w.allow.len() - fqdn_rules,
+                    fqdn_rules,
+                    raw_sockets: w.raw_sockets,
+                }
+            })
+            .collect();
+        StatusReport {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            pid: std::process::id(),
+            started_at: rfc3339(self.started_at),
+            policy: PolicyStatus {
+                path: self.policy.source.path.display().to_string(),
+                sha256: self.policy.source.sha256.clone(),
+                loaded_at: rfc3339(self.policy_loaded_at),
+                last_error: self.last_error.clone(),
+            },
+            default_mode: ModeStatus {
+                mode: default_mode,
+                source: default_source,
+            },
+            unmatched: self.policy.defaults.unmatched.as_str().to_owned(),
+            workloads,
+            datapath: DatapathStatus {
+                cgroup_root: self.datapath.cgroup_root().display().to_string(),
+                programs: self.datapath.programs().to_vec(),
+                events: counters.events,
+                ring_buffer_drops: counters.ring_buffer_drops,
+                allowed: counters.allowed,
+                denied: counters.denied,
+                would_deny: counters.would_deny,
+            },
+        }
+    }
+}
+
+fn cidr_rules(workload: &Workload) -> Vec<CidrRule> {
+    workload
+        .allow
+        .iter()
+        .filter_map(|rule| match &rule.destination {
+            Destination::Cidr(net) => Some(CidrRule {
+                net: *net,
+                ports: rule.ports.clone(),
+                protocol: rule.protocol,
+            }),
+            // Enforced from DNS answers by the FQDN feature; stored and reported now.
+            Destination::Fqdn(_) => None,
+        })
+        .collect()
+}
+
+fn short_hash(sha256: &str) -> &str {
+    sha256.get(..12).unwrap_or(sha256)
+}
+
+/// An error with its causes, one per `: `.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
