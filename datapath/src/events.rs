@@ -1,6 +1,6 @@
 //! Decoding the kernel's event records and reading them without blocking the datapath.
 
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, SystemTime};
 
 use aya::maps::{MapData, RingBuf};
@@ -204,34 +204,37 @@ pub(crate) fn decode(bytes: &[u8], clock: &Clock) -> Result<Event, DatapathError
     })
 }
 
-/// The kernel's event ring buffer, read asynchronously. The kernel never waits for it: when it
-/// is full, events are dropped and counted (`Counters::ring_buffer_drops`).
-pub struct EventStream {
+/// A kernel ring buffer read asynchronously. The kernel never waits for it: when it is full,
+/// records are dropped and counted (`Counters`).
+struct RingStream {
     ring: AsyncFd<RingBuf<MapData>>,
     clock: Clock,
 }
 
-impl EventStream {
-    pub(crate) fn new(ring: RingBuf<MapData>, clock: Clock) -> Result<Self, DatapathError> {
-        Ok(EventStream {
-            // SAFETY: the ring buffer owns its map fd, which stays open and unchanged for as
-            // long as the AsyncFd owns the ring buffer.
-            ring: unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }.map_err(
-                |error| DatapathError::Io {
-                    what: "registering the event ring buffer with the runtime",
-                    source: error.into_parts().1,
-                },
-            )?,
-            clock,
-        })
+impl RingStream {
+    fn new(
+        ring: RingBuf<MapData>,
+        clock: Clock,
+        what: &'static str,
+    ) -> Result<Self, DatapathError> {
+        // SAFETY: the ring buffer owns its map fd, which stays open and unchanged for as long
+        // as the AsyncFd owns the ring buffer.
+        let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }.map_err(
+            |error| DatapathError::Io {
+                what,
+                source: error.into_parts().1,
+            },
+        )?;
+        Ok(RingStream { ring, clock })
     }
 
-    /// Waits for events and appends every available one to `out` (at most `max`).
-    /// Records that cannot be decoded are counted in the returned error-free tally.
-    pub async fn next_batch(
+    /// Waits for records and decodes every available one (at most `max`) into `out`.
+    /// Returns how many records could not be decoded.
+    async fn next_batch<T>(
         &mut self,
-        out: &mut Vec<Event>,
+        out: &mut Vec<T>,
         max: usize,
+        decode: fn(&[u8], &Clock) -> Result<T, DatapathError>,
     ) -> Result<usize, DatapathError> {
         let mut undecodable = 0;
         loop {
@@ -240,7 +243,7 @@ impl EventStream {
                 .readable_mut()
                 .await
                 .map_err(|source| DatapathError::Io {
-                    what: "waiting for the event ring buffer",
+                    what: "waiting for a ring buffer",
                     source,
                 })?;
             let ring = guard.get_inner_mut();
@@ -249,7 +252,7 @@ impl EventStream {
                 let Some(item) = ring.next() else { break };
                 read += 1;
                 match decode(&item, &self.clock) {
-                    Ok(event) => out.push(event),
+                    Ok(record) => out.push(record),
                     Err(_) => undecodable += 1,
                 }
             }
@@ -260,6 +263,81 @@ impl EventStream {
                 return Ok(undecodable);
             }
         }
+    }
+}
+
+/// Verdict events (new destinations, denials, would-be denials).
+pub struct EventStream(RingStream);
+
+impl EventStream {
+    pub(crate) fn new(ring: RingBuf<MapData>, clock: Clock) -> Result<Self, DatapathError> {
+        RingStream::new(ring, clock, "registering the event ring buffer").map(EventStream)
+    }
+
+    /// Waits for events and appends every available one to `out` (at most `max`); returns
+    /// how many records could not be decoded.
+    pub async fn next_batch(
+        &mut self,
+        out: &mut Vec<Event>,
+        max: usize,
+    ) -> Result<usize, DatapathError> {
+        self.0.next_batch(out, max, decode).await
+    }
+}
+
+/// A DNS answer (UDP from port 53) that a workload's socket received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsAnswer {
+    pub time: SystemTime,
+    pub cgroup_id: u64,
+    pub workload: u32,
+    pub server: SocketAddr,
+    pub client: SocketAddr,
+    /// Length of the message on the wire; `payload` holds at most its first 512 bytes.
+    pub message_len: usize,
+    pub payload: Vec<u8>,
+}
+
+pub(crate) fn decode_dns(bytes: &[u8], clock: &Clock) -> Result<DnsAnswer, DatapathError> {
+    if bytes.len() < size_of::<raw::DnsAnswer>() {
+        return Err(DatapathError::ShortEvent { len: bytes.len() });
+    }
+    // SAFETY: length checked; DnsAnswer is plain old data; read_unaligned copes with alignment.
+    let answer: raw::DnsAnswer = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    let len = (answer.payload_len as usize).min(raw::DNS_PAYLOAD_MAX);
+    let unspecified = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
+    Ok(DnsAnswer {
+        time: clock.wall(answer.timestamp_ns),
+        cgroup_id: answer.cgroup_id,
+        workload: answer.workload,
+        server: SocketAddr::new(
+            address(answer.server_addr, answer.family).unwrap_or(unspecified),
+            answer.server_port,
+        ),
+        client: SocketAddr::new(
+            address(answer.client_addr, answer.family).unwrap_or(unspecified),
+            answer.client_port,
+        ),
+        message_len: answer.message_len as usize,
+        payload: answer.payload[..len].to_vec(),
+    })
+}
+
+/// DNS answers received by workloads, for FQDN rules.
+pub struct DnsAnswerStream(RingStream);
+
+impl DnsAnswerStream {
+    pub(crate) fn new(ring: RingBuf<MapData>, clock: Clock) -> Result<Self, DatapathError> {
+        RingStream::new(ring, clock, "registering the DNS answer ring buffer").map(DnsAnswerStream)
+    }
+
+    /// Waits for answers and appends every available one to `out` (at most `max`).
+    pub async fn next_batch(
+        &mut self,
+        out: &mut Vec<DnsAnswer>,
+        max: usize,
+    ) -> Result<usize, DatapathError> {
+        self.0.next_batch(out, max, decode_dns).await
     }
 }
 

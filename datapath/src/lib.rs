@@ -27,7 +27,9 @@ use egressd_common::{
 use egressd_policy::Mode;
 use ipnet::IpNet;
 
-pub use events::{Event, EventKind, EventStream, Hook, Reason, Verdict};
+pub use events::{
+    DnsAnswer, DnsAnswerStream, Event, EventKind, EventStream, Hook, Reason, Verdict,
+};
 pub use rules::CidrRule;
 use rules::Prefix;
 
@@ -92,7 +94,7 @@ pub enum DatapathError {
         "no cgroup v2 file system is mounted (none in /proc/self/mounts); egressd needs cgroup v2"
     )]
     NoCgroup2,
-    #[error("the event stream was already taken")]
+    #[error("the event or DNS answer stream was already taken")]
     EventsTaken,
 }
 
@@ -174,6 +176,8 @@ pub struct Counters {
     pub would_deny: u64,
     pub cache_hits: u64,
     pub storage_failures: u64,
+    pub dns_answers: u64,
+    pub dns_answer_drops: u64,
 }
 
 const SOCK_ADDR_PROGRAMS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
@@ -189,6 +193,7 @@ pub struct Datapath {
     deny: LpmTrie<MapData, DenyKey, u32>,
     counters: PerCpuArray<MapData, u64>,
     events: Option<RingBuf<MapData>>,
+    dns_answers: Option<RingBuf<MapData>>,
     clock: events::Clock,
     // Mirrors of what the maps hold, so `apply` writes only differences.
     installed_allow: BTreeMap<(u32, Prefix), AllowValue>,
@@ -230,6 +235,8 @@ impl Datapath {
             .map_err(map_err("COUNTERS", "opening"))?;
         let events =
             RingBuf::try_from(maps.take("EVENTS")?).map_err(map_err("EVENTS", "opening"))?;
+        let dns_answers = RingBuf::try_from(maps.take("DNS_ANSWERS")?)
+            .map_err(map_err("DNS_ANSWERS", "opening"))?;
 
         let settings = Settings {
             generation: 1,
@@ -259,6 +266,7 @@ impl Datapath {
             deny,
             counters,
             events: Some(events),
+            dns_answers: Some(dns_answers),
             clock: events::Clock::new(),
             installed_allow: BTreeMap::new(),
             installed_deny: BTreeSet::new(),
@@ -298,6 +306,12 @@ impl Datapath {
     pub fn take_events(&mut self) -> Result<EventStream, DatapathError> {
         let ring = self.events.take().ok_or(DatapathError::EventsTaken)?;
         EventStream::new(ring, self.clock)
+    }
+
+    /// The DNS answers workloads receive; can be taken once.
+    pub fn take_dns_answers(&mut self) -> Result<DnsAnswerStream, DatapathError> {
+        let ring = self.dns_answers.take().ok_or(DatapathError::EventsTaken)?;
+        DnsAnswerStream::new(ring, self.clock)
     }
 
     /// Makes the maps hold exactly `policy`, writing only what differs from what they hold.
@@ -452,6 +466,8 @@ impl Datapath {
             would_deny: total(counters::COUNTER_WOULD_DENY)?,
             cache_hits: total(counters::COUNTER_CACHE_HITS)?,
             storage_failures: total(counters::COUNTER_STORAGE_FAILURES)?,
+            dns_answers: total(counters::COUNTER_DNS_ANSWERS)?,
+            dns_answer_drops: total(counters::COUNTER_DNS_DROPS)?,
         })
     }
 

@@ -12,7 +12,7 @@ mod verdict;
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::{BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, bpf_sock},
+    bindings::BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
     helpers::generated::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_sk_fullsock,
         bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
@@ -22,9 +22,10 @@ use aya_ebpf::{
 };
 use egressd_common::{
     event::{
-        COUNTER_CACHE_HITS, COUNTER_STORAGE_FAILURES, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_EGRESS,
-        HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SOCK_CREATE, REASON_RAW_SOCKET, VERDICT_ALLOW,
-        VERDICT_DENY, VERDICT_WOULD_DENY,
+        COUNTER_CACHE_HITS, COUNTER_DNS_ANSWERS, COUNTER_DNS_DROPS, COUNTER_STORAGE_FAILURES,
+        DNS_PAYLOAD_MAX, DnsAnswer, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_EGRESS, HOOK_SENDMSG4,
+        HOOK_SENDMSG6, HOOK_SOCK_CREATE, REASON_RAW_SOCKET, VERDICT_ALLOW, VERDICT_DENY,
+        VERDICT_WOULD_DENY,
     },
     policy::{MODE_AUDIT, MODE_STRICT, NO_WORKLOAD, WORKLOAD_FLAG_RAW_SOCKETS},
     socket::{SOCKET_FLAG_CREATED, SOCKET_FLAG_INBOUND},
@@ -93,7 +94,11 @@ fn sock_addr_flow(ctx: &SockAddrContext, ipv6: bool) -> Flow {
             i += 1;
         }
         // An IPv4-mapped destination is already in the form IPv4 keys use.
-        flow.family = if dst[..12] == egressd_common::V4_MAPPED_PREFIX { 4 } else { 6 };
+        flow.family = if dst[..12] == egressd_common::V4_MAPPED_PREFIX {
+            4
+        } else {
+            6
+        };
         flow.dst = dst;
     } else {
         flow.family = 4;
@@ -119,19 +124,25 @@ fn check_sock_addr(ctx: &SockAddrContext, ipv6: bool, hook: u32) -> i32 {
     // SAFETY: the context pointer is valid for the program's run.
     let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
     // SAFETY: sock_addr programs may pass ctx->sk to bpf_sk_storage_get.
-    let state = unsafe { socket_state(sk.cast::<c_void>()) };
+    let mut state = unsafe { socket_state(sk.cast::<c_void>()) };
     let cgroup_id = current_cgroup();
     let mut task = Task::current(cgroup_id);
-    let workload = match state {
-        Some(ref state) if state.flags & SOCKET_FLAG_CREATED != 0 => {
+    let workload = match state.as_mut() {
+        Some(state) if state.flags & SOCKET_FLAG_CREATED != 0 => {
             // Created under egressd: the creator's cgroup, not the caller's, decides (a socket
             // handed to another process keeps its creator's policy).
             task.cgroup_id = state.cgroup_id;
+            if state.workload_generation != settings.generation && state.cgroup_id == cgroup_id {
+                // The workload table changed since creation and the caller shares the
+                // creator's cgroup, so the caller's ancestors are the socket's.
+                state.workload = verdict::workload_of(current_ancestor, &settings);
+                state.workload_generation = settings.generation;
+            }
             state.workload
         }
         _ => {
             let workload = verdict::workload_of(current_ancestor, &settings);
-            if let Some(state) = state {
+            if let Some(state) = state.as_mut() {
                 state.cgroup_id = cgroup_id;
                 state.workload = workload;
                 state.flags |= egressd_common::socket::SOCKET_FLAG_RESOLVED;
@@ -152,16 +163,14 @@ fn check_sock_addr(ctx: &SockAddrContext, ipv6: bool, hook: u32) -> i32 {
         hook,
     };
     report(&decision, &flow, &task);
-    if let Some(state) = socket_state_again(sk) {
+    if let Some(state) = state {
         cache_verdict(state, &flow, settings.generation, verdict);
     }
-    if verdict == VERDICT_DENY { REFUSE } else { ALLOW }
-}
-
-#[inline(always)]
-fn socket_state_again(sk: *mut bpf_sock) -> Option<&'static mut egressd_common::socket::SocketState> {
-    // SAFETY: as in check_sock_addr; the lookup is cheap (the storage hangs off the socket).
-    unsafe { socket_state(sk.cast::<c_void>()) }
+    if verdict == VERDICT_DENY {
+        REFUSE
+    } else {
+        ALLOW
+    }
 }
 
 // ---- sock_create: workload and creator of every new inet socket; raw sockets in strict ----
@@ -226,7 +235,11 @@ pub fn sock_create(ctx: SockContext) -> i32 {
         egressd_common::event::EVENT_WOULD_DENY
     };
     send_event(kind, &decision, &flow, &task);
-    if verdict == VERDICT_DENY { REFUSE } else { ALLOW }
+    if verdict == VERDICT_DENY {
+        REFUSE
+    } else {
+        ALLOW
+    }
 }
 
 // ---- sock_ops: mark accepted connections, whose packets are replies ----
@@ -279,7 +292,11 @@ pub fn egress(ctx: SkBuffContext) -> i32 {
     let settings = settings();
     if let Some(verdict) = cached_verdict(state, &parsed.flow, settings.generation) {
         count(COUNTER_CACHE_HITS);
-        return if verdict == VERDICT_DENY { REFUSE } else { ALLOW };
+        return if verdict == VERDICT_DENY {
+            REFUSE
+        } else {
+            ALLOW
+        };
     }
     // The packet's cgroup is the socket's: authoritative even for passed sockets.
     let workload = socket_workload(state, &settings, |level| {
@@ -319,7 +336,11 @@ pub fn egress(ctx: SkBuffContext) -> i32 {
         &task,
     );
     cache_verdict(state, &parsed.flow, settings.generation, verdict);
-    if verdict == VERDICT_DENY { REFUSE } else { ALLOW }
+    if verdict == VERDICT_DENY {
+        REFUSE
+    } else {
+        ALLOW
+    }
 }
 
 /// Egress when socket storage cannot be had (memory pressure): decide without caching.
@@ -338,14 +359,114 @@ fn egress_without_state(ctx: &SkBuffContext, flow: &Flow) -> i32 {
         return ALLOW;
     };
     let (verdict, _) = evaluate(workload, &config, flow);
-    if verdict == VERDICT_DENY { REFUSE } else { ALLOW }
+    if verdict == VERDICT_DENY {
+        REFUSE
+    } else {
+        ALLOW
+    }
 }
 
-// ---- ingress: DNS answers for the FQDN feature (wired now; the parser comes with it) ----
+// ---- ingress: hands DNS answers received by workloads to userspace (FQDN rules) ----
+
+const DNS_PORT: u16 = 53;
+const UDP_HEADER_LEN: usize = 8;
 
 #[cgroup_skb(ingress)]
-pub fn ingress(_ctx: SkBuffContext) -> i32 {
+pub fn ingress(ctx: SkBuffContext) -> i32 {
+    // Ingress never drops: it only observes.
+    forward_dns_answer(&ctx);
     ALLOW
+}
+
+#[inline(always)]
+fn forward_dns_answer(ctx: &SkBuffContext) {
+    let parsed = packet::parse(ctx);
+    if !parsed.valid
+        || parsed.flow.protocol != verdict::IPPROTO_UDP
+        || !parsed.flow.has_port
+        || parsed.flow.src_port != DNS_PORT
+    {
+        return;
+    }
+    let skb = ctx.skb.skb;
+    // SAFETY: the context pointer is valid for the program's run.
+    let sk = unsafe { (*skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return;
+    }
+    // SAFETY: sk comes from the context.
+    let full = unsafe { bpf_sk_fullsock(sk) };
+    if full.is_null() {
+        return;
+    }
+    let settings = settings();
+    let ancestor = |level| {
+        // SAFETY: skb is the context.
+        unsafe { bpf_skb_ancestor_cgroup_id(skb, level) }
+    };
+    // SAFETY: full is a full socket, which cgroup_skb may pass to bpf_sk_storage_get.
+    let workload = match unsafe { socket_state(full.cast::<c_void>()) } {
+        Some(state) => socket_workload(state, &settings, ancestor),
+        None => verdict::workload_of(ancestor, &settings),
+    };
+    if workload_config(workload).is_none() {
+        return;
+    }
+    let payload_offset = parsed.transport_offset + UDP_HEADER_LEN;
+    let message_len = (ctx.len() as usize).saturating_sub(payload_offset);
+    // Bounded for the verifier: 1..=DNS_PAYLOAD_MAX bytes.
+    let copy_len = if message_len > DNS_PAYLOAD_MAX {
+        DNS_PAYLOAD_MAX
+    } else {
+        message_len
+    };
+    if copy_len == 0 {
+        return;
+    }
+    // Re-derive the bound in a form the verifier tracks (1..=512; a no-op for those values).
+    // The volatile read stops LLVM from folding the mask away with the checks above.
+    let copy_len = copy_len as u32;
+    // SAFETY: reads a local.
+    let copy_len = unsafe { core::ptr::read_volatile(&copy_len) };
+    let copy_len = (copy_len.wrapping_sub(1) & (DNS_PAYLOAD_MAX as u32 - 1)) + 1;
+    let Some(mut entry) = crate::maps::DNS_ANSWERS.reserve::<DnsAnswer>(0) else {
+        count(COUNTER_DNS_DROPS);
+        return;
+    };
+    let answer = entry.as_mut_ptr();
+    // SAFETY: answer points to a reserved, writable DnsAnswer; the helper writes at most
+    // copy_len <= DNS_PAYLOAD_MAX bytes into its payload.
+    let loaded = unsafe {
+        aya_ebpf::helpers::generated::bpf_skb_load_bytes(
+            skb.cast::<c_void>(),
+            payload_offset as u32,
+            (*answer).payload.as_mut_ptr().cast::<c_void>(),
+            copy_len,
+        )
+    };
+    if loaded != 0 {
+        entry.discard(0);
+        count(COUNTER_DNS_DROPS);
+        return;
+    }
+    // SAFETY: as above; header fields are plain writes into the reservation.
+    unsafe {
+        (*answer).timestamp_ns = aya_ebpf::helpers::generated::bpf_ktime_get_ns();
+        (*answer).cgroup_id = bpf_skb_cgroup_id(skb);
+        (*answer).workload = workload;
+        (*answer).payload_len = copy_len;
+        (*answer).message_len = message_len as u32;
+        (*answer).server_port = parsed.flow.src_port;
+        (*answer).client_port = parsed.flow.dst_port;
+        (*answer).server_addr = parsed.flow.src;
+        (*answer).client_addr = parsed.flow.dst;
+        (*answer).family = parsed.flow.family;
+        (*answer).protocol = parsed.flow.protocol;
+        (*answer).reserved = 0;
+        (*answer).reserved2 = 0;
+    }
+    entry.submit(0);
+    count(COUNTER_DNS_ANSWERS);
 }
 
 #[cfg(not(target_arch = "bpf"))]

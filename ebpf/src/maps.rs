@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use egressd_common::{
-    event::{COUNTERS_LEN, RING_BUFFER_BYTES},
+    event::{COUNTERS_LEN, DNS_RING_BUFFER_BYTES, RING_BUFFER_BYTES},
     policy::{
         AllowKey, AllowValue, DenyKey, MAX_ALLOW_ENTRIES, MAX_DENY_ENTRIES, MAX_WORKLOAD_CGROUPS,
         MAX_WORKLOADS, Settings, WorkloadConfig,
@@ -16,8 +16,7 @@ use egressd_common::{
 
 /// Cgroup id (kernfs inode) of a workload's own cgroup → workload id.
 #[map]
-pub static WORKLOAD_CGROUPS: HashMap<u64, u32> =
-    HashMap::with_max_entries(MAX_WORKLOAD_CGROUPS, 0);
+pub static WORKLOAD_CGROUPS: HashMap<u64, u32> = HashMap::with_max_entries(MAX_WORKLOAD_CGROUPS, 0);
 
 /// Workload id → mode and flags: switching a mode is one write here.
 #[map]
@@ -41,6 +40,10 @@ pub static SEEN: LruHashMap<DestinationKey, u64> =
 
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BUFFER_BYTES, 0);
+
+/// DNS answers for the control plane's FQDN rules.
+#[map]
+pub static DNS_ANSWERS: RingBuf = RingBuf::with_byte_size(DNS_RING_BUFFER_BYTES, 0);
 
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);

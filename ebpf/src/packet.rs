@@ -19,6 +19,8 @@ pub struct Parsed {
     pub control: bool,
     /// False when even the IP header could not be read.
     pub valid: bool,
+    /// Offset of the transport header (0 when there is none).
+    pub transport_offset: usize,
 }
 
 #[inline(always)]
@@ -36,6 +38,7 @@ fn is_icmpv6_control(icmp_type: u8) -> bool {
 /// Reads ports (and TCP flags or ICMP type) at `offset` into `parsed`.
 #[inline(always)]
 fn parse_transport(ctx: &SkBuffContext, offset: usize, parsed: &mut Parsed) {
+    parsed.transport_offset = offset;
     match parsed.flow.protocol {
         IPPROTO_TCP | IPPROTO_UDP => {
             if let Ok(ports) = ctx.load::<[u8; 4]>(offset) {
@@ -70,6 +73,7 @@ pub fn parse(ctx: &SkBuffContext) -> Parsed {
         flow: Flow::empty(),
         control: false,
         valid: false,
+        transport_offset: 0,
     };
     // Branch on the packet's protocol, never the socket's family: an IPv4-mapped destination
     // on an AF_INET6 socket produces IPv4 packets.

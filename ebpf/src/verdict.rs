@@ -19,13 +19,11 @@ use egressd_common::{
         VERDICT_WOULD_DENY,
     },
     policy::{
-        ALLOW_KEY_WORKLOAD_BITS, AllowKey, DenyKey, MAX_CGROUP_DEPTH, MAX_PORT_RULES,
-        MODE_AUDIT, MODE_LEARNING, NO_WORKLOAD, PROTOCOL_ANY, PROTOCOL_ICMP_ANY, Settings,
+        ALLOW_KEY_WORKLOAD_BITS, AllowKey, DenyKey, MAX_CGROUP_DEPTH, MAX_PORT_RULES, MODE_AUDIT,
+        MODE_LEARNING, NO_WORKLOAD, PROTOCOL_ANY, PROTOCOL_ICMP_ANY, Settings,
         WORKLOAD_FLAG_ACTIVE, WorkloadConfig,
     },
-    socket::{
-        DestinationKey, SOCKET_FLAG_CACHED, SOCKET_FLAG_RESOLVED, SocketState,
-    },
+    socket::{DestinationKey, SOCKET_FLAG_CACHED, SOCKET_FLAG_RESOLVED, SocketState},
 };
 
 use crate::maps::{
@@ -192,8 +190,7 @@ pub fn socket_workload(
     settings: &Settings,
     ancestor_id: impl Fn(i32) -> u64,
 ) -> u32 {
-    if state.flags & SOCKET_FLAG_RESOLVED != 0 && state.workload_generation == settings.generation
-    {
+    if state.flags & SOCKET_FLAG_RESOLVED != 0 && state.workload_generation == settings.generation {
         return state.workload;
     }
     let workload = workload_of(ancestor_id, settings);
@@ -245,7 +242,8 @@ fn allow_rule_matches(workload: u32, flow: &Flow) -> bool {
 
 #[inline(always)]
 fn denied_for_all(flow: &Flow) -> bool {
-    DENY.get(&Key::new(128, DenyKey { addr: flow.dst })).is_some()
+    DENY.get(&Key::new(128, DenyKey { addr: flow.dst }))
+        .is_some()
 }
 
 /// Verdict and reason for `flow` in a workload with `config`.

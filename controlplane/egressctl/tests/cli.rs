@@ -169,6 +169,8 @@ fn status_report() -> StatusReport {
             allowed: 9,
             denied: 5,
             would_deny: 3,
+            dns_answers: 0,
+            dns_answer_drops: 0,
         },
     }
 }

@@ -84,7 +84,10 @@ fn walk(
 
 /// The cgroup table for a set of workloads, in declaration order: a cgroup two patterns match
 /// belongs to the first workload that names it.
-pub fn table(root: &Path, workloads: &[(u32, &CgroupPattern)]) -> (BTreeMap<u64, u32>, BTreeMap<u32, Vec<String>>) {
+pub fn table(
+    root: &Path,
+    workloads: &[(u32, &CgroupPattern)],
+) -> (BTreeMap<u64, u32>, BTreeMap<u32, Vec<String>>) {
     let mut ids = BTreeMap::new();
     let mut paths: BTreeMap<u32, Vec<String>> = BTreeMap::new();
     for &(workload, pattern) in workloads {
@@ -106,13 +109,20 @@ mod tests {
     #[test]
     fn literal_and_glob_patterns_find_directories() {
         let dir = tempfile::tempdir().expect("tempdir");
-        for path in ["system.slice/a.service", "system.slice/b.service/x", "user.slice"] {
+        for path in [
+            "system.slice/a.service",
+            "system.slice/b.service/x",
+            "user.slice",
+        ] {
             std::fs::create_dir_all(dir.path().join(path)).expect("mkdir");
         }
         let literal = CgroupPattern::parse("system.slice/a.service").expect("pattern");
         assert_eq!(matching(dir.path(), &literal).len(), 1);
         let glob = CgroupPattern::parse("system.slice/*.service").expect("pattern");
-        let mut paths: Vec<String> = matching(dir.path(), &glob).into_iter().map(|c| c.path).collect();
+        let mut paths: Vec<String> = matching(dir.path(), &glob)
+            .into_iter()
+            .map(|c| c.path)
+            .collect();
         paths.sort();
         assert_eq!(paths, ["system.slice/a.service", "system.slice/b.service"]);
         let missing = CgroupPattern::parse("nope/x").expect("pattern");
@@ -121,6 +131,10 @@ mod tests {
         let (ids, by_workload) = table(dir.path(), &[(1, &literal), (2, &glob)]);
         assert_eq!(ids.len(), 2);
         assert_eq!(by_workload.get(&1).map(Vec::len), Some(1));
-        assert_eq!(by_workload.get(&2).map(Vec::len), Some(1), "a.service went to workload 1");
+        assert_eq!(
+            by_workload.get(&2).map(Vec::len),
+            Some(1),
+            "a.service went to workload 1"
+        );
     }
 }

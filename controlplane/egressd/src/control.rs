@@ -42,8 +42,8 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
         std::fs::remove_file(path)
             .with_context(|| format!("removing stale socket {}", path.display()))?;
     }
-    let listener =
-        UnixListener::bind(path).with_context(|| format!("binding control socket {}", path.display()))?;
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("binding control socket {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("restricting {} to root", path.display()))?;
     Ok(listener)
@@ -78,7 +78,10 @@ fn peer_is_root(stream: &UnixStream) -> bool {
     stream.peer_cred().is_ok_and(|cred| cred.uid() == 0)
 }
 
-async fn send(writer: &mut BufWriter<tokio::net::unix::OwnedWriteHalf>, response: &Response) -> anyhow::Result<()> {
+async fn send(
+    writer: &mut BufWriter<tokio::net::unix::OwnedWriteHalf>,
+    response: &Response,
+) -> anyhow::Result<()> {
     tokio::time::timeout(WRITE_TIMEOUT, write_frame_async(writer, response))
         .await
         .context("client did not read its answer")??;
@@ -91,23 +94,33 @@ async fn handle(stream: UnixStream, shared: &Shared) -> anyhow::Result<()> {
     let mut reader = BufReader::new(read);
     let mut writer = BufWriter::new(write);
     loop {
-        let request = match tokio::time::timeout(IDLE_TIMEOUT, read_frame_async::<_, Request>(&mut reader)).await {
-            Err(_) => return Ok(()),
-            Ok(Ok(None)) => return Ok(()),
-            Ok(Ok(Some(request))) => request,
-            Ok(Err(e)) => {
-                // A bad frame gets an answer naming the problem; an oversized one ends the
-                // connection because the stream is out of step.
-                let oversized = matches!(e, egressd_proto::ProtoError::FrameTooLarge { .. });
-                send(&mut writer, &Response::Error { message: format!("bad request: {e}") }).await?;
-                if oversized {
-                    return Ok(());
+        let request =
+            match tokio::time::timeout(IDLE_TIMEOUT, read_frame_async::<_, Request>(&mut reader))
+                .await
+            {
+                Err(_) => return Ok(()),
+                Ok(Ok(None)) => return Ok(()),
+                Ok(Ok(Some(request))) => request,
+                Ok(Err(e)) => {
+                    // A bad frame gets an answer naming the problem; an oversized one ends the
+                    // connection because the stream is out of step.
+                    let oversized = matches!(e, egressd_proto::ProtoError::FrameTooLarge { .. });
+                    send(
+                        &mut writer,
+                        &Response::Error {
+                            message: format!("bad request: {e}"),
+                        },
+                    )
+                    .await?;
+                    if oversized {
+                        return Ok(());
+                    }
+                    continue;
                 }
-                continue;
-            }
-        };
+            };
         if !is_root {
-            let message = "permission denied: only root may use the egressd control socket".to_owned();
+            let message =
+                "permission denied: only root may use the egressd control socket".to_owned();
             send(&mut writer, &Response::Error { message }).await?;
             return Ok(());
         }
@@ -133,7 +146,10 @@ async fn handle(stream: UnixStream, shared: &Shared) -> anyhow::Result<()> {
             Request::Events { follow, limit } => {
                 // Subscribe before reading the backlog so nothing falls in between.
                 let mut live = follow.then(|| shared.events.subscribe());
-                for record in shared.events.recent(limit.unwrap_or(crate::events::BACKLOG)) {
+                for record in shared
+                    .events
+                    .recent(limit.unwrap_or(crate::events::BACKLOG))
+                {
                     send(&mut writer, &Response::Event(record)).await?;
                 }
                 if let Some(live) = live.as_mut() {

@@ -72,8 +72,7 @@ impl Engine {
     /// The workloads the datapath enforces, `host` included when it applies.
     fn effective_workloads(policy: &Policy) -> Vec<Workload> {
         let mut workloads = policy.workloads.clone();
-        if policy.defaults.unmatched == Unmatched::Apply
-            && policy.workload(HOST_WORKLOAD).is_none()
+        if policy.defaults.unmatched == Unmatched::Apply && policy.workload(HOST_WORKLOAD).is_none()
         {
             workloads.push(implicit_host());
         }
@@ -95,7 +94,10 @@ impl Engine {
             while used.contains(&next) || self.ids.values().any(|&id| id == next) {
                 next += 1;
             }
-            anyhow::ensure!(next <= MAX_WORKLOAD_ID, "more than {MAX_WORKLOAD_ID} workloads");
+            anyhow::ensure!(
+                next <= MAX_WORKLOAD_ID,
+                "more than {MAX_WORKLOAD_ID} workloads"
+            );
             ids.insert((*name).to_owned(), next);
             used.insert(next);
         }
@@ -189,7 +191,8 @@ impl Engine {
                 Ok(message)
             }
             Err(message) => {
-                let message = format!("reload rejected, the previous policy stays in force: {message}");
+                let message =
+                    format!("reload rejected, the previous policy stays in force: {message}");
                 tracing::error!("{message}");
                 self.last_error = Some(ReloadFailure {
                     at: rfc3339(SystemTime::now()),
@@ -216,7 +219,11 @@ impl Engine {
         Ok(())
     }
 
-    pub fn set_mode(&mut self, setting: ModeSetting, workload: Option<&str>) -> Result<String, String> {
+    pub fn set_mode(
+        &mut self,
+        setting: ModeSetting,
+        workload: Option<&str>,
+    ) -> Result<String, String> {
         let workloads = Self::effective_workloads(&self.policy);
         if let Some(name) = workload
             && !workloads.iter().any(|w| w.name == name)
@@ -225,7 +232,11 @@ impl Engine {
             return Err(format!(
                 "no workload named {name:?} in {}; known: {}",
                 self.config_path.display(),
-                if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+                if known.is_empty() {
+                    "none".to_owned()
+                } else {
+                    known.join(", ")
+                }
             ));
         }
         self.modes
@@ -233,13 +244,16 @@ impl Engine {
             .map_err(|e| format!("{e}"))?;
         // Write every workload whose effective mode changed: one map write each.
         for w in &workloads {
-            let Some(&id) = self.ids.get(&w.name) else { continue };
+            let Some(&id) = self.ids.get(&w.name) else {
+                continue;
+            };
             let (mode, _) = self.modes.resolve(&self.policy, w);
             if let Err(e) = self.datapath.set_mode(id, mode, w.raw_sockets) {
                 return Err(format!("switching {} to {mode}: {e}", w.name));
             }
         }
-        let target = workload.map_or_else(|| "default mode".to_owned(), |w| format!("workload {w}"));
+        let target =
+            workload.map_or_else(|| "default mode".to_owned(), |w| format!("workload {w}"));
         let message = match setting.mode() {
             Some(mode) => format!("{target} set to {mode}"),
             None => format!("{target} follows {} again", self.config_path.display()),
@@ -304,6 +318,8 @@ impl Engine {
                 allowed: counters.allowed,
                 denied: counters.denied,
                 would_deny: counters.would_deny,
+                dns_answers: counters.dns_answers,
+                dns_answer_drops: counters.dns_answer_drops,
             },
         }
     }

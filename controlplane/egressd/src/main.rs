@@ -26,7 +26,11 @@ const CGROUP_RESCAN: Duration = Duration::from_secs(2);
 const EVENT_BATCH: usize = 1024;
 
 #[derive(Debug, Parser)]
-#[command(name = "egressd", version, about = "Node-level egress firewall: eBPF on cgroup v2")]
+#[command(
+    name = "egressd",
+    version,
+    about = "Node-level egress firewall: eBPF on cgroup v2"
+)]
 struct Args {
     /// Policy file.
     #[arg(long, default_value = "/etc/egressd/policy.toml")]
@@ -45,9 +49,15 @@ struct Args {
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("EGRESSD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout);
     if json {
-        builder.json().flatten_event(true).with_current_span(false).init();
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init();
     } else {
         builder.init();
     }
@@ -79,7 +89,8 @@ fn main() -> std::process::ExitCode {
 
 async fn run(args: Args, json: bool) -> anyhow::Result<()> {
     // Everything that can be wrong with the input is checked before touching the kernel.
-    let policy = egressd_policy::load(&args.config).map_err(|e| anyhow::anyhow!(engine::error_chain(&e)))?;
+    let policy =
+        egressd_policy::load(&args.config).map_err(|e| anyhow::anyhow!(engine::error_chain(&e)))?;
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("creating state directory {}", args.state_dir.display()))?;
     let modes = modes::ModeOverrides::load(&args.state_dir)?;
@@ -92,6 +103,7 @@ async fn run(args: Args, json: bool) -> anyhow::Result<()> {
     let mut datapath = egressd_datapath::Datapath::load(&cgroup_root)
         .with_context(|| format!("loading the eBPF datapath at {}", cgroup_root.display()))?;
     let mut events = datapath.take_events()?;
+    let mut dns_answers = datapath.take_dns_answers()?;
     if let Some(kernel_log) = datapath.take_kernel_log() {
         tokio::spawn(kernel_log.run());
     }
@@ -126,6 +138,32 @@ async fn run(args: Args, json: bool) -> anyhow::Result<()> {
         }
     });
 
+    // DNS answers: wired from the kernel now; FQDN rules will be backed by them.
+    let dns_shared = shared.clone();
+    tokio::spawn(async move {
+        let mut batch = Vec::with_capacity(EVENT_BATCH);
+        loop {
+            batch.clear();
+            if let Err(e) = dns_answers.next_batch(&mut batch, EVENT_BATCH).await {
+                tracing::error!("DNS answer ring buffer: {e}");
+                return;
+            }
+            for answer in &batch {
+                let workload = match dns_shared.engine.lock() {
+                    Ok(engine) => engine.workload_name(answer.workload),
+                    Err(_) => None,
+                };
+                tracing::debug!(
+                    workload = workload.as_deref().unwrap_or("-"),
+                    server = %answer.server,
+                    client = %answer.client,
+                    bytes = answer.message_len,
+                    "DNS answer"
+                );
+            }
+        }
+    });
+
     let rescan_shared = shared.clone();
     tokio::spawn(async move {
         let mut ticker = tokio::time::interval(CGROUP_RESCAN);
@@ -139,7 +177,11 @@ async fn run(args: Args, json: bool) -> anyhow::Result<()> {
         }
     });
 
-    tokio::spawn(control::serve(listener, shared.clone(), args.socket.clone()));
+    tokio::spawn(control::serve(
+        listener,
+        shared.clone(),
+        args.socket.clone(),
+    ));
     tracing::info!(
         cgroup_root = %cgroup_root.display(),
         socket = %args.socket.display(),

@@ -86,7 +86,11 @@ impl ModeOverrides {
 
     /// Sets (Some) or clears (None) an override and persists it; on a write error nothing
     /// changes.
-    pub fn set(&mut self, workload: Option<&str>, mode: Option<Mode>) -> Result<(), ModeStoreError> {
+    pub fn set(
+        &mut self,
+        workload: Option<&str>,
+        mode: Option<Mode>,
+    ) -> Result<(), ModeStoreError> {
         let mut next = self.stored.clone();
         match (workload, mode) {
             (None, mode) => next.default = mode,
@@ -126,7 +130,8 @@ fn write_atomically(path: &Path, stored: &StoredModes) -> Result<(), ModeStoreEr
         path: path.to_owned(),
         source,
     };
-    let text = serde_json::to_vec_pretty(stored).map_err(|e| write_err(std::io::Error::other(e)))?;
+    let text =
+        serde_json::to_vec_pretty(stored).map_err(|e| write_err(std::io::Error::other(e)))?;
     let temporary = path.with_extension("json.tmp");
     let mut file = std::fs::File::create(&temporary).map_err(write_err)?;
     file.write_all(&text).map_err(write_err)?;
@@ -168,15 +173,24 @@ cgroup = "b"
         let b = policy.workload("b").expect("b");
         let mut modes = ModeOverrides::load(dir.path()).expect("empty store");
         assert_eq!(modes.resolve(&policy, a), (Mode::Audit, ModeSource::File));
-        assert_eq!(modes.resolve(&policy, b), (Mode::Learning, ModeSource::File));
+        assert_eq!(
+            modes.resolve(&policy, b),
+            (Mode::Learning, ModeSource::File)
+        );
 
         modes.set(None, Some(Mode::Strict)).expect("set default");
         assert_eq!(modes.resolve(&policy, a), (Mode::Audit, ModeSource::File));
-        assert_eq!(modes.resolve(&policy, b), (Mode::Strict, ModeSource::Command));
+        assert_eq!(
+            modes.resolve(&policy, b),
+            (Mode::Strict, ModeSource::Command)
+        );
 
         modes.set(Some("a"), Some(Mode::Strict)).expect("set a");
         let reloaded = ModeOverrides::load(dir.path()).expect("reload");
-        assert_eq!(reloaded.resolve(&policy, a), (Mode::Strict, ModeSource::Command));
+        assert_eq!(
+            reloaded.resolve(&policy, a),
+            (Mode::Strict, ModeSource::Command)
+        );
 
         modes.set(Some("a"), None).expect("clear a");
         assert_eq!(modes.resolve(&policy, a), (Mode::Audit, ModeSource::File));

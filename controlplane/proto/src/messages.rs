@@ -232,6 +232,12 @@ pub struct DatapathStatus {
     pub allowed: u64,
     pub denied: u64,
     pub would_deny: u64,
+    /// DNS answers handed from the kernel to the daemon, and those lost because the daemon
+    /// fell behind.
+    #[serde(default)]
+    pub dns_answers: u64,
+    #[serde(default)]
+    pub dns_answer_drops: u64,
 }
 
 /// One datapath event as the daemon reports it.
@@ -347,6 +353,8 @@ pub(crate) mod tests {
                 allowed: 5,
                 denied: 3,
                 would_deny: 2,
+                dns_answers: 0,
+                dns_answer_drops: 0,
             },
         }
     }

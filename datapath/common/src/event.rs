@@ -67,10 +67,41 @@ pub const COUNTER_DENIED: u32 = 3;
 pub const COUNTER_WOULD_DENY: u32 = 4;
 pub const COUNTER_CACHE_HITS: u32 = 5;
 pub const COUNTER_STORAGE_FAILURES: u32 = 6;
-pub const COUNTERS_LEN: u32 = 8;
+pub const COUNTER_DNS_ANSWERS: u32 = 7;
+pub const COUNTER_DNS_DROPS: u32 = 8;
+pub const COUNTERS_LEN: u32 = 16;
+
+/// DNS payload bytes copied per answer (classic UDP DNS size; larger answers are truncated
+/// here and re-read by userspace where needed).
+pub const DNS_PAYLOAD_MAX: usize = 512;
+pub const DNS_RING_BUFFER_BYTES: u32 = 1 << 20;
+
+/// A DNS answer (UDP from port 53) received by a socket of a workload, for userspace to parse.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DnsAnswer {
+    pub timestamp_ns: u64,
+    pub cgroup_id: u64,
+    pub workload: u32,
+    /// Bytes of `payload` that are valid.
+    pub payload_len: u32,
+    /// Length of the whole DNS message on the wire.
+    pub message_len: u32,
+    pub server_port: u16,
+    pub client_port: u16,
+    pub server_addr: Addr,
+    pub client_addr: Addr,
+    pub family: u8,
+    pub protocol: u8,
+    pub reserved: u16,
+    pub reserved2: u32,
+    pub payload: [u8; DNS_PAYLOAD_MAX],
+}
+const _: () = assert!(core::mem::size_of::<DnsAnswer>() == 72 + DNS_PAYLOAD_MAX);
 
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain-old-data, repr(C), no padding (asserted above).
     unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::DnsAnswer {}
 }

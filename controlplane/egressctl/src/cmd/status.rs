@@ -131,6 +131,11 @@ fn write_status(out: &mut String, report: &StatusReport) -> std::fmt::Result {
         datapath.denied,
         datapath.would_deny
     )?;
+    writeln!(
+        out,
+        "dns:          answers seen {}, lost {}",
+        datapath.dns_answers, datapath.dns_answer_drops
+    )?;
     if datapath.ring_buffer_drops > 0 {
         writeln!(
             out,
@@ -205,6 +210,8 @@ mod tests {
                 allowed: 5,
                 denied: 3,
                 would_deny: 2,
+                dns_answers: 0,
+                dns_answer_drops: 0,
             },
         }
     }
@@ -225,6 +232,7 @@ host          audit   file     0        10/0              yes
 
 datapath:     cgroup root /sys/fs/cgroup, programs: connect4, connect6
 counters:     events 10, ring buffer drops 0, allowed 5, denied 3, would-deny 2
+dns:          answers seen 0, lost 0
 "
         );
     }
