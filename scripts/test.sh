@@ -14,7 +14,7 @@ bash scripts/setup-toolchain.sh
 
 echo "== format and lints"
 cargo fmt --all -- --check
-cargo clippy --all-targets --locked -- -D warnings
+cargo clippy --all-targets --workspace --locked -- -D warnings
 
 echo "== build"
 cargo build --bins --locked

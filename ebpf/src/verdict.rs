@@ -114,7 +114,7 @@ pub fn workload_of(ancestor_id: impl Fn(i32) -> u64, settings: &Settings) -> u32
             break;
         }
         // SAFETY: the value is a plain u32 copied out at once.
-        if let Some(workload) = unsafe { WORKLOAD_CGROUPS.get(&id) } {
+        if let Some(workload) = unsafe { WORKLOAD_CGROUPS.get(id) } {
             found = *workload;
         }
         level += 1;
@@ -242,7 +242,7 @@ fn allow_rule_matches(workload: u32, flow: &Flow) -> bool {
 
 #[inline(always)]
 fn denied_for_all(flow: &Flow) -> bool {
-    DENY.get(&Key::new(128, DenyKey { addr: flow.dst }))
+    DENY.get(Key::new(128, DenyKey { addr: flow.dst }))
         .is_some()
 }
 
@@ -276,11 +276,11 @@ fn first_sight(workload: u32, flow: &Flow, now: u64) -> bool {
         reserved: 0,
         addr: flow.dst,
     };
-    if SEEN.get_ptr(&key).is_some() {
+    if SEEN.get_ptr(key).is_some() {
         return false;
     }
     // A racing CPU may insert first; then both report, which is harmless.
-    let _ = SEEN.insert(&key, &now, u64::from(BPF_NOEXIST));
+    let _ = SEEN.insert(key, now, u64::from(BPF_NOEXIST));
     true
 }
 
