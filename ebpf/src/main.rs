@@ -276,14 +276,19 @@ pub fn egress(ctx: SkBuffContext) -> i32 {
         return ALLOW;
     }
     let parsed = packet::parse(&ctx);
-    if parsed.control {
-        return ALLOW;
-    }
     // SAFETY: full is a full socket, which cgroup_skb may pass to bpf_sk_storage_get.
     let Some(state) = (unsafe { socket_state(full.cast::<c_void>()) }) else {
         count(COUNTER_STORAGE_FAILURES);
         return egress_without_state(&ctx, &parsed.flow);
     };
+    // Kernel control traffic (resets, ICMP errors and echo replies, neighbour discovery) comes
+    // from the kernel's own sockets, which never pass through sock_create. A raw socket a
+    // user created could forge the same packets, so it gets no such pass.
+    // SAFETY: full is a valid full socket.
+    let user_raw = unsafe { (*full).type_ } == SOCK_RAW && state.flags & SOCKET_FLAG_CREATED != 0;
+    if parsed.control && !user_raw {
+        return ALLOW;
+    }
     // SAFETY: full is a valid full socket.
     let sk_state = unsafe { (*full).state };
     if state.flags & SOCKET_FLAG_INBOUND != 0 || sk_state == TCP_LISTEN {

@@ -14,8 +14,8 @@ const MAX_EXTENSION_HEADERS: u32 = 4;
 /// What the parser found besides the flow.
 pub struct Parsed {
     pub flow: Flow,
-    /// Kernel-generated control traffic that must never be blocked: TCP resets, ICMP errors,
-    /// IPv6 neighbour discovery and multicast listener messages.
+    /// Kernel-generated control traffic that must never be blocked: TCP resets, ICMP errors
+    /// and echo replies, IPv6 neighbour discovery and multicast listener messages.
     pub control: bool,
     /// False when even the IP header could not be read.
     pub valid: bool,
@@ -25,14 +25,14 @@ pub struct Parsed {
 
 #[inline(always)]
 fn is_icmp_control(icmp_type: u8) -> bool {
-    // destination unreachable, source quench, time exceeded, parameter problem
-    matches!(icmp_type, 3 | 4 | 11 | 12)
+    // echo reply, destination unreachable, source quench, time exceeded, parameter problem
+    matches!(icmp_type, 0 | 3 | 4 | 11 | 12)
 }
 
 #[inline(always)]
 fn is_icmpv6_control(icmp_type: u8) -> bool {
-    // errors 1-4, MLD 130-132 and 143, neighbour discovery 133-137
-    matches!(icmp_type, 1..=4 | 130..=137 | 143)
+    // errors 1-4, echo reply 129, MLD 130-132 and 143, neighbour discovery 133-137
+    matches!(icmp_type, 1..=4 | 129..=137 | 143)
 }
 
 /// Reads ports (and TCP flags or ICMP type) at `offset` into `parsed`.
