@@ -8,14 +8,15 @@ mod events;
 mod modes;
 
 use std::io::IsTerminal as _;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::Parser;
+use clap::Parser as _;
 use futures_util::StreamExt as _;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+
+use egressd::cli::Args;
 
 use crate::control::Shared;
 use crate::engine::Engine;
@@ -24,27 +25,6 @@ use crate::events::EventHub;
 /// How often cgroups matching workload patterns are looked for again (new services, pods).
 const CGROUP_RESCAN: Duration = Duration::from_secs(2);
 const EVENT_BATCH: usize = 1024;
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "egressd",
-    version,
-    about = "Node-level egress firewall: eBPF on cgroup v2"
-)]
-struct Args {
-    /// Policy file.
-    #[arg(long, default_value = "/etc/egressd/policy.toml")]
-    config: PathBuf,
-    /// Where modes set with `egressctl mode` are kept across restarts.
-    #[arg(long, default_value = "/var/lib/egressd")]
-    state_dir: PathBuf,
-    /// Control socket for egressctl.
-    #[arg(long, default_value = egressd_proto::DEFAULT_SOCKET)]
-    socket: PathBuf,
-    /// Cgroup v2 mount to attach at (default: found in /proc/self/mounts).
-    #[arg(long)]
-    cgroup_root: Option<PathBuf>,
-}
 
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("EGRESSD_LOG")

@@ -1,0 +1,31 @@
+//! The daemon's command line, in a library so packaging can render man pages from it.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "egressd",
+    version,
+    about = "Node-level egress firewall: eBPF on cgroup v2"
+)]
+pub struct Args {
+    /// Policy file.
+    #[arg(long, default_value = "/etc/egressd/policy.toml")]
+    pub config: PathBuf,
+    /// Where modes set with `egressctl mode` are kept across restarts.
+    #[arg(long, default_value = "/var/lib/egressd")]
+    pub state_dir: PathBuf,
+    /// Control socket for egressctl.
+    #[arg(long, default_value = egressd_proto::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Cgroup v2 mount to attach at (default: found in /proc/self/mounts).
+    #[arg(long)]
+    pub cgroup_root: Option<PathBuf>,
+}
+
+/// The clap command, for man pages and completions.
+pub fn command() -> clap::Command {
+    <Args as clap::CommandFactory>::command()
+}
