@@ -168,6 +168,10 @@ async fn run(args: Args, json: bool) -> anyhow::Result<()> {
         config = %args.config.display(),
         "egressd ready"
     );
+    // systemd (Type=notify): programs are attached and the policy is in force.
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::warn!("telling systemd we are ready: {e}");
+    }
 
     let mut signals = signal_hook_tokio::Signals::new([SIGHUP, SIGTERM, SIGINT])
         .context("installing signal handlers")?;
@@ -185,6 +189,7 @@ async fn run(args: Args, json: bool) -> anyhow::Result<()> {
             }
         }
     }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     let _ = std::fs::remove_file(&args.socket);
     Ok(())
 }
