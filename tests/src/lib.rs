@@ -1,1 +1,43 @@
-//! placeholder
+//! Harness of the end-to-end tests of egressd: real kernel, real cgroups, real
+//! processes.
+//!
+//! Every kernel-touching test is named `privileged_*` and needs root and a
+//! cgroup v2 mount; without them it fails with a message saying so (it never
+//! skips). Run the suite with
+//!
+//! ```text
+//! cargo build --bins && cargo test -p egressd-tests -- --test-threads=1
+//! ```
+//!
+//! The daemon attaches at the cgroup v2 root, so two daemons at once would both
+//! enforce: [`Daemon::start`] serializes the tests that run one (a process-wide
+//! mutex plus a lock file, which also covers test binaries run in parallel).
+//! `--test-threads=1` keeps the output readable; it is not needed for
+//! correctness.
+//!
+//! Cleanup is done by Drop guards, so it also happens when an assertion fails:
+//! [`TestCgroup`] kills what is left in it and removes it (children first),
+//! [`Daemon`] stops egressd (SIGTERM, then SIGKILL after a deadline),
+//! [`SysctlGuard`] restores a sysctl, [`RunningProbe`] kills its probe.
+//! Traffic only ever goes to 127.0.0.0/8 and ::1.
+
+mod bins;
+mod cgroup;
+mod daemon;
+mod handoff;
+mod net;
+mod policy;
+mod probe;
+mod sysctl;
+
+pub use bins::{binary, egressctl_bin, egressd_bin, probe_bin, run_bounded};
+pub use cgroup::{TestCgroup, cgroup2_root, require_root};
+pub use daemon::{Daemon, EVENT_TIMEOUT, READY_TIMEOUT};
+pub use handoff::{connect_fd, receive_fd};
+pub use net::{TcpTarget, UdpTarget, destination};
+pub use policy::{WorkloadSpec, allow, line_of, policy_toml};
+pub use probe::{ProbeResult, RunningProbe, run_probe, run_probe_in, spawn_probe_in};
+pub use sysctl::{PING_GROUP_RANGE, SysctlGuard, allow_ping_sockets};
+
+/// `EPERM`: what the datapath makes a refused syscall fail with.
+pub const EPERM: i32 = libc::EPERM;

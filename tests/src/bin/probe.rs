@@ -1,0 +1,445 @@
+//! `egressd-probe`: performs ONE network action and prints one JSON line,
+//! `{"ok":true}` or `{"ok":false,"errno":N,"error":"...","step":"..."}`, then
+//! exits 0. Only a usage error exits non-zero (2).
+//!
+//! The tests start it inside a workload cgroup (it is moved there before
+//! `exec`), so every socket it creates belongs to that cgroup.
+//!
+//! ```text
+//! egressd-probe tcp-connect ADDR PORT          # AF_INET, or AF_INET6 for v6 and ::ffff:a.b.c.d
+//! egressd-probe udp-connect-send ADDR PORT     # connect(), then send()
+//! egressd-probe udp-sendto ADDR PORT           # unconnected sendto()
+//! egressd-probe icmp-raw ADDR                  # SOCK_RAW IPPROTO_ICMP(V6) echo request
+//! egressd-probe icmp-ping ADDR                 # SOCK_DGRAM IPPROTO_ICMP(V6) ping socket;
+//!                                              # adds "reply": whether the echo reply came
+//! egressd-probe raw-create                     # socket(AF_INET, SOCK_RAW, IPPROTO_ICMP)
+//! egressd-probe fork-connect ADDR PORT PROCS   # socket, fork, child moves to PROCS, connects
+//! egressd-probe pass-socket UNIX_PATH          # TCP socket sent with SCM_RIGHTS to UNIX_PATH
+//! egressd-probe sleep SECS
+//! ```
+
+use std::fs;
+use std::io::{self, IoSlice, Read};
+use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sys::socket::{
+    self, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockProtocol, SockType,
+    SockaddrStorage, UnixAddr, sockopt,
+};
+use nix::sys::time::{TimeVal, TimeValLike};
+use nix::sys::wait::waitpid;
+use nix::unistd::{ForkResult, fork, pipe};
+use serde_json::{Value, json};
+
+/// Bound on every blocking step (connect, send, waiting for a peer).
+const STEP_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long `pass-socket` waits for the receiver to close the connection.
+const PASS_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long `icmp-ping` waits for the echo reply.
+const REPLY_TIMEOUT: Duration = Duration::from_millis(1000);
+/// Upper bound for `sleep`.
+const MAX_SLEEP_SECS: u64 = 600;
+/// Payload after the ICMP echo header.
+const ECHO_PAYLOAD: &[u8] = b"egressd-probe";
+
+const USAGE: &str = "usage: egressd-probe <tcp-connect ADDR PORT | udp-connect-send ADDR PORT | \
+udp-sendto ADDR PORT | icmp-raw ADDR | icmp-ping ADDR | raw-create | \
+fork-connect ADDR PORT CGROUP_PROCS_FILE | pass-socket UNIX_PATH | sleep SECS>";
+
+#[derive(Debug)]
+enum Action {
+    TcpConnect(SocketAddr),
+    UdpConnectSend(SocketAddr),
+    UdpSendto(SocketAddr),
+    IcmpRaw(IpAddr),
+    IcmpPing(IpAddr),
+    RawCreate,
+    ForkConnect(SocketAddr, PathBuf),
+    PassSocket(PathBuf),
+    Sleep(u64),
+}
+
+/// Why the action failed: the step, the errno (0 when there is none) and a text.
+#[derive(Debug)]
+struct Failure {
+    step: &'static str,
+    errno: i32,
+    error: String,
+}
+
+impl Failure {
+    fn io(step: &'static str, err: &io::Error) -> Failure {
+        Failure {
+            step,
+            // A timeout from connect_timeout carries no errno: report ETIMEDOUT.
+            errno: err.raw_os_error().unwrap_or(match err.kind() {
+                io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => libc::ETIMEDOUT,
+                _ => 0,
+            }),
+            error: err.to_string(),
+        }
+    }
+
+    fn errno(step: &'static str, errno: Errno) -> Failure {
+        Failure {
+            step,
+            errno: errno as i32,
+            error: errno.desc().to_owned(),
+        }
+    }
+
+    fn other(step: &'static str, error: impl Into<String>) -> Failure {
+        Failure {
+            step,
+            errno: 0,
+            error: error.into(),
+        }
+    }
+}
+
+type Outcome = Result<(), Failure>;
+
+fn report(outcome: Outcome) -> Value {
+    match outcome {
+        Ok(()) => json!({ "ok": true }),
+        Err(failure) => json!({
+            "ok": false,
+            "errno": failure.errno,
+            "error": failure.error,
+            "step": failure.step,
+        }),
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let action = match parse(&args) {
+        Ok(action) => action,
+        Err(message) => {
+            eprintln!("egressd-probe: {message}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let line = match action {
+        Action::ForkConnect(addr, procs) => fork_connect(addr, &procs),
+        Action::IcmpPing(ip) => icmp_ping(ip),
+        action => report(run(action)),
+    };
+    println!("{line}");
+    ExitCode::SUCCESS
+}
+
+fn parse(args: &[String]) -> Result<Action, String> {
+    let words: Vec<&str> = args.iter().map(String::as_str).collect();
+    match words.as_slice() {
+        ["tcp-connect", addr, port] => Ok(Action::TcpConnect(socket_addr(addr, port)?)),
+        ["udp-connect-send", addr, port] => Ok(Action::UdpConnectSend(socket_addr(addr, port)?)),
+        ["udp-sendto", addr, port] => Ok(Action::UdpSendto(socket_addr(addr, port)?)),
+        ["icmp-raw", addr] => Ok(Action::IcmpRaw(ip(addr)?)),
+        ["icmp-ping", addr] => Ok(Action::IcmpPing(ip(addr)?)),
+        ["raw-create"] => Ok(Action::RawCreate),
+        ["fork-connect", addr, port, procs] => Ok(Action::ForkConnect(
+            socket_addr(addr, port)?,
+            PathBuf::from(procs),
+        )),
+        ["pass-socket", path] => Ok(Action::PassSocket(PathBuf::from(path))),
+        ["sleep", secs] => {
+            let secs: u64 = secs
+                .parse()
+                .map_err(|err| format!("bad SECS {secs:?}: {err}"))?;
+            if secs > MAX_SLEEP_SECS {
+                return Err(format!("SECS must be at most {MAX_SLEEP_SECS}"));
+            }
+            Ok(Action::Sleep(secs))
+        }
+        _ => Err(format!("bad arguments {args:?}")),
+    }
+}
+
+fn ip(text: &str) -> Result<IpAddr, String> {
+    text.parse()
+        .map_err(|err| format!("bad address {text:?}: {err}"))
+}
+
+fn socket_addr(addr: &str, port: &str) -> Result<SocketAddr, String> {
+    let port: u16 = port
+        .parse()
+        .map_err(|err| format!("bad port {port:?}: {err}"))?;
+    // A v6 address (mapped ones included) makes std open an AF_INET6 socket.
+    Ok(SocketAddr::new(ip(addr)?, port))
+}
+
+fn run(action: Action) -> Outcome {
+    match action {
+        Action::TcpConnect(addr) => {
+            TcpStream::connect_timeout(&addr, STEP_TIMEOUT)
+                .map_err(|err| Failure::io("connect", &err))?;
+            Ok(())
+        }
+        Action::UdpConnectSend(addr) => {
+            let socket = udp_socket(addr)?;
+            socket
+                .connect(addr)
+                .map_err(|err| Failure::io("connect", &err))?;
+            socket
+                .send(ECHO_PAYLOAD)
+                .map_err(|err| Failure::io("send", &err))?;
+            Ok(())
+        }
+        Action::UdpSendto(addr) => {
+            let socket = udp_socket(addr)?;
+            socket
+                .send_to(ECHO_PAYLOAD, addr)
+                .map_err(|err| Failure::io("sendto", &err))?;
+            Ok(())
+        }
+        Action::IcmpRaw(ip) => icmp_echo(ip, SockType::Raw).map(drop),
+        Action::IcmpPing(..) => Err(Failure::other("internal", "handled in main")),
+        Action::RawCreate => {
+            socket::socket(
+                AddressFamily::Inet,
+                SockType::Raw,
+                SockFlag::SOCK_CLOEXEC,
+                SockProtocol::Icmp,
+            )
+            .map_err(|errno| Failure::errno("socket", errno))?;
+            Ok(())
+        }
+        Action::PassSocket(path) => pass_socket(&path),
+        Action::Sleep(secs) => {
+            std::thread::sleep(Duration::from_secs(secs));
+            Ok(())
+        }
+        Action::ForkConnect(..) => Err(Failure::other("internal", "handled in main")),
+    }
+}
+
+fn udp_socket(addr: SocketAddr) -> Result<UdpSocket, Failure> {
+    let local: SocketAddr = match addr {
+        SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let socket = UdpSocket::bind(local).map_err(|err| Failure::io("bind", &err))?;
+    socket
+        .set_write_timeout(Some(STEP_TIMEOUT))
+        .map_err(|err| Failure::io("setsockopt", &err))?;
+    Ok(socket)
+}
+
+/// Sends an echo request on a ping socket, then waits up to [`REPLY_TIMEOUT`]
+/// for the reply: `{"ok":true,"reply":BOOL}`. The reply shows whether the
+/// request left: an ICMPv6 ping socket reports success even when egress
+/// dropped the packet (`icmpv6_push_pending_frames` ignores the error of
+/// `ip6_push_pending_frames`), so only the missing reply tells.
+fn icmp_ping(ip: IpAddr) -> Value {
+    let fd = match icmp_echo(ip, SockType::Datagram) {
+        Ok(fd) => fd,
+        Err(failure) => return report(Err(failure)),
+    };
+    let timeout = TimeVal::milliseconds(i64::try_from(REPLY_TIMEOUT.as_millis()).unwrap_or(1000));
+    if let Err(errno) = socket::setsockopt(&fd, sockopt::ReceiveTimeout, &timeout) {
+        return report(Err(Failure::errno("setsockopt", errno)));
+    }
+    let reply_type = if ip.is_ipv4() { 0u8 } else { 129u8 };
+    let mut buf = [0u8; 256];
+    let reply = loop {
+        match socket::recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+            Ok(n) if n > 0 && buf[0] == reply_type => break true,
+            Ok(_) | Err(Errno::EINTR) => continue,
+            Err(_) => break false,
+        }
+    };
+    let mut value = report(Ok(()));
+    value["reply"] = Value::from(reply);
+    value
+}
+
+/// Sends one echo request on a raw (`SockType::Raw`) or ping
+/// (`SockType::Datagram`) socket and returns the socket.
+fn icmp_echo(ip: IpAddr, kind: SockType) -> Result<OwnedFd, Failure> {
+    let (family, protocol, echo_type) = match ip {
+        IpAddr::V4(_) => (AddressFamily::Inet, SockProtocol::Icmp, 8u8),
+        IpAddr::V6(_) => (AddressFamily::Inet6, SockProtocol::IcmpV6, 128u8),
+    };
+    let fd = socket::socket(family, kind, SockFlag::SOCK_CLOEXEC, protocol)
+        .map_err(|errno| Failure::errno("socket", errno))?;
+    set_send_timeout(&fd)?;
+    // type, code, checksum, identifier, sequence, payload. Ping sockets fill
+    // in the identifier and checksum; raw ICMPv6 sockets the checksum; raw
+    // ICMPv4 needs it from us.
+    let mut packet = vec![echo_type, 0, 0, 0, 0x45, 0x67, 0, 1];
+    packet.extend_from_slice(ECHO_PAYLOAD);
+    if kind == SockType::Raw && ip.is_ipv4() {
+        let sum = internet_checksum(&packet);
+        packet[2..4].copy_from_slice(&sum.to_be_bytes());
+    }
+    let dest = SockaddrStorage::from(SocketAddr::new(ip, 0));
+    socket::sendto(fd.as_raw_fd(), &packet, &dest, MsgFlags::empty())
+        .map_err(|errno| Failure::errno("sendto", errno))?;
+    Ok(fd)
+}
+
+fn internet_checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|pair| {
+            let hi = u32::from(pair[0]) << 8;
+            let lo = pair.get(1).copied().map_or(0, u32::from);
+            hi | lo
+        })
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    // The loop above folded `sum` into 16 bits.
+    !(u16::try_from(sum).unwrap_or(u16::MAX))
+}
+
+fn set_send_timeout(fd: &OwnedFd) -> Outcome {
+    let timeout = TimeVal::milliseconds(i64::try_from(STEP_TIMEOUT.as_millis()).unwrap_or(2000));
+    socket::setsockopt(fd, sockopt::SendTimeout, &timeout)
+        .map_err(|errno| Failure::errno("setsockopt", errno))
+}
+
+fn tcp_socket(addr: SocketAddr) -> Result<OwnedFd, Failure> {
+    let family = match addr {
+        SocketAddr::V4(_) => AddressFamily::Inet,
+        SocketAddr::V6(_) => AddressFamily::Inet6,
+    };
+    let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
+        .map_err(|errno| Failure::errno("socket", errno))?;
+    // SO_SNDTIMEO also bounds a blocking connect().
+    set_send_timeout(&fd)?;
+    Ok(fd)
+}
+
+/// Creates a TCP socket here, forks; the child moves itself to the cgroup of
+/// `procs` and connects the inherited socket. The parent relays its report.
+fn fork_connect(addr: SocketAddr, procs: &std::path::Path) -> Value {
+    let fd = match tcp_socket(addr) {
+        Ok(fd) => fd,
+        Err(failure) => return report(Err(failure)),
+    };
+    let (read_end, write_end) = match pipe() {
+        Ok(ends) => ends,
+        Err(errno) => return report(Err(Failure::errno("pipe", errno))),
+    };
+    // SAFETY: the probe is single-threaded, so the child may do anything.
+    match unsafe { fork() } {
+        Err(errno) => report(Err(Failure::errno("fork", errno))),
+        Ok(ForkResult::Child) => {
+            drop(read_end);
+            let line = child_connect(&fd, addr, procs).to_string();
+            let code = match nix::unistd::write(&write_end, format!("{line}\n").as_bytes()) {
+                Ok(_) => 0,
+                Err(_) => 1,
+            };
+            // SAFETY: leaves the forked child without running the parent's
+            // atexit handlers or flushing its inherited stdio buffers.
+            unsafe { libc::_exit(code) }
+        }
+        Ok(ForkResult::Parent { child }) => {
+            drop(write_end);
+            let mut text = String::new();
+            let read = fs::File::from(read_end).read_to_string(&mut text);
+            let status = waitpid(child, None);
+            match (read, serde_json::from_str::<Value>(text.trim())) {
+                (Ok(_), Ok(value)) => value,
+                (read, _) => report(Err(Failure::other(
+                    "child",
+                    format!("no report from the child (read {read:?}, wait {status:?}): {text:?}"),
+                ))),
+            }
+        }
+    }
+}
+
+fn child_connect(fd: &OwnedFd, addr: SocketAddr, procs: &std::path::Path) -> Value {
+    if let Err(err) = fs::write(procs, "0") {
+        return report(Err(Failure::io("move", &err)));
+    }
+    let cgroup = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let outcome = socket::connect(fd.as_raw_fd(), &SockaddrStorage::from(addr))
+        .map_err(|errno| Failure::errno("connect", errno));
+    let mut value = report(outcome);
+    // Shows the test where the child ended up (the v2 line starts with "0::").
+    value["child_cgroup"] = Value::from(
+        cgroup
+            .lines()
+            .find_map(|line| line.strip_prefix("0::"))
+            .unwrap_or("?"),
+    );
+    value
+}
+
+/// Sends an unconnected TCP socket created here over the Unix stream socket at
+/// `path`, then waits until the peer closes the connection.
+fn pass_socket(path: &std::path::Path) -> Outcome {
+    let fd = socket::socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|errno| Failure::errno("socket", errno))?;
+    let mut stream = UnixStream::connect(path).map_err(|err| Failure::io("unix_connect", &err))?;
+    stream
+        .set_read_timeout(Some(PASS_TIMEOUT))
+        .map_err(|err| Failure::io("setsockopt", &err))?;
+    let fds = [fd.as_raw_fd()];
+    socket::sendmsg::<UnixAddr>(
+        stream.as_fd().as_raw_fd(),
+        &[IoSlice::new(b"s")],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )
+    .map_err(|errno| Failure::errno("sendmsg", errno))?;
+    let mut buf = [0u8; 64];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(_) => continue,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            Err(err) => return Err(Failure::io("wait_close", &err)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checksum_of_an_echo_request() {
+        // 08 00 [csum] 00 01 00 01: sum 0x0801 + 0x0001 = 0x0802 -> !0x0802 = 0xf7fd
+        let packet = [8u8, 0, 0, 0, 0, 1, 0, 1];
+        assert_eq!(internet_checksum(&packet), 0xf7fd);
+    }
+
+    #[test]
+    fn parses_mapped_addresses_as_v6() {
+        let args: Vec<String> = ["tcp-connect", "::ffff:127.0.0.2", "80"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let Ok(Action::TcpConnect(addr)) = parse(&args) else {
+            panic!("parse")
+        };
+        assert!(addr.is_ipv6());
+    }
+
+    #[test]
+    fn rejects_bad_usage() {
+        for args in [&["tcp-connect", "x", "1"][..], &["sleep", "9999"], &[]] {
+            let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+            assert!(parse(&args).is_err(), "{args:?}");
+        }
+    }
+}

@@ -1,0 +1,356 @@
+//! egressd started for one test, stopped when dropped.
+
+use std::fs::{self, File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+use tempfile::TempDir;
+
+use crate::bins::{egressctl_bin, egressd_bin, probe_bin, run_bounded};
+use crate::cgroup::{cgroup2_root, require_root};
+
+/// How long egressd may take to answer `status` after it starts.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a test waits for an event to show up in `egressctl events`.
+pub const EVENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on one `egressctl` run.
+const CTL_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long egressd has to exit after SIGTERM before it gets SIGKILL.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a test waits for the daemons of other tests to finish.
+const SERIAL_TIMEOUT: Duration = Duration::from_secs(600);
+/// Lock file shared by every test process that runs a daemon.
+const LOCK_FILE: &str = "/tmp/egressd-tests.lock";
+
+/// One daemon at a time in this process...
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// ...and across processes (test binaries run in parallel, nextest).
+fn lock_file() -> File {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(LOCK_FILE)
+        .unwrap_or_else(|err| panic!("cannot open {LOCK_FILE}: {err}"));
+    let deadline = Instant::now() + SERIAL_TIMEOUT;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return file,
+            Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(50)),
+            Err(err) => panic!(
+                "another egressd test held {LOCK_FILE} for more than {SERIAL_TIMEOUT:?}: {err}"
+            ),
+        }
+    }
+}
+
+/// A running egressd with its own policy file, state dir and control socket
+/// in a temporary directory. Its stdout and stderr go to files there; they are
+/// printed when the test fails. Dropping it stops the daemon (SIGTERM, then
+/// SIGKILL after 10 s).
+pub struct Daemon {
+    child: Option<Child>,
+    dir: TempDir,
+    policy: PathBuf,
+    socket: PathBuf,
+    state_dir: PathBuf,
+    stdout_log: PathBuf,
+    stderr_log: PathBuf,
+    // Released after `drop` has stopped the daemon (fields drop after the body).
+    _lock: File,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl Daemon {
+    /// Writes `policy_toml`, starts egressd on it and waits until `egressctl
+    /// status` answers (polling every 50 ms, at most [`READY_TIMEOUT`]).
+    pub fn start(policy_toml: &str) -> Daemon {
+        require_root();
+        cgroup2_root();
+        let egressd = egressd_bin();
+        egressctl_bin();
+        probe_bin();
+        let serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+        let lock = lock_file();
+        let dir = tempfile::Builder::new()
+            .prefix("egressd-test-")
+            .tempdir()
+            .expect("create a temporary directory");
+        let policy = dir.path().join("policy.toml");
+        let state_dir = dir.path().join("state");
+        let socket = dir.path().join("egressd.sock");
+        let stdout_log = dir.path().join("egressd.stdout");
+        let stderr_log = dir.path().join("egressd.stderr");
+        fs::write(&policy, policy_toml).expect("write policy.toml");
+        fs::create_dir(&state_dir).expect("create the state dir");
+        let child = Command::new(&egressd)
+            .arg("--config")
+            .arg(&policy)
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .arg("--socket")
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .stdout(File::create(&stdout_log).expect("create the stdout log"))
+            .stderr(File::create(&stderr_log).expect("create the stderr log"))
+            .spawn()
+            .unwrap_or_else(|err| panic!("cannot start {}: {err}", egressd.display()));
+        let mut daemon = Daemon {
+            child: Some(child),
+            dir,
+            policy,
+            socket,
+            state_dir,
+            stdout_log,
+            stderr_log,
+            _lock: lock,
+            _serial: serial,
+        };
+        daemon.wait_ready();
+        daemon
+    }
+
+    fn wait_ready(&mut self) {
+        let started = Instant::now();
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!(
+                    "egressd exited with {status} before it was ready\n{}",
+                    self.logs()
+                );
+            }
+            let output = self.ctl(&["status", "--json"]);
+            if output.status.success() {
+                let status: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|err| {
+                    panic!(
+                        "`egressctl status --json` printed no JSON ({err}): {}",
+                        String::from_utf8_lossy(&output.stdout)
+                    )
+                });
+                assert_eq!(
+                    status["pid"].as_u64(),
+                    Some(u64::from(self.pid())),
+                    "the control socket answers for another daemon: {status}"
+                );
+                return;
+            }
+            if started.elapsed() > READY_TIMEOUT {
+                panic!(
+                    "egressd did not answer `status` within {READY_TIMEOUT:?}; last egressctl \
+                     stderr: {}\n{}",
+                    String::from_utf8_lossy(&output.stderr),
+                    self.logs()
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    pub fn policy_path(&self) -> &Path {
+        &self.policy
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The daemon's stdout and stderr so far.
+    pub fn logs(&self) -> String {
+        let read = |path: &Path| fs::read_to_string(path).unwrap_or_default();
+        format!(
+            "----- egressd stdout -----\n{}----- egressd stderr -----\n{}----- end of egressd output -----",
+            read(&self.stdout_log),
+            read(&self.stderr_log)
+        )
+    }
+
+    /// Runs `egressctl --socket SOCK ARGS...` (bounded) and returns its output.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        run_bounded(
+            Command::new(egressctl_bin())
+                .arg("--socket")
+                .arg(&self.socket)
+                .args(args)
+                .env_remove("EGRESSD_SOCKET"),
+            CTL_TIMEOUT,
+        )
+    }
+
+    /// Runs egressctl and returns its stdout; panics (with its stderr and the
+    /// daemon's logs) when it fails.
+    #[track_caller]
+    pub fn ctl_ok(&self, args: &[&str]) -> String {
+        let output = self.ctl(args);
+        assert!(
+            output.status.success(),
+            "`egressctl {}` failed ({}): {}\n{}",
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stderr),
+            self.logs()
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// `egressctl status --json`.
+    pub fn status(&self) -> Value {
+        let stdout = self.ctl_ok(&["status", "--json"]);
+        serde_json::from_str(&stdout)
+            .unwrap_or_else(|err| panic!("`status --json` is not JSON ({err}): {stdout}"))
+    }
+
+    /// The status entry of the workload `name`.
+    #[track_caller]
+    pub fn workload(&self, name: &str) -> Value {
+        let status = self.status();
+        status["workloads"]
+            .as_array()
+            .and_then(|workloads| workloads.iter().find(|w| w["name"] == name))
+            .cloned()
+            .unwrap_or_else(|| panic!("no workload {name:?} in status: {status}"))
+    }
+
+    /// Polls `status` (every 100 ms, at most `timeout`) until `predicate`
+    /// holds; returns that status or panics with the last one.
+    pub fn wait_for_status(
+        &self,
+        what: &str,
+        timeout: Duration,
+        predicate: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.status();
+            if predicate(&status) {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "status never showed {what} within {timeout:?}; last: {status}\n{}",
+                    self.logs()
+                );
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `egressctl events --json --limit N`, one JSON value per event.
+    pub fn events(&self, limit: usize) -> Vec<Value> {
+        let stdout = self.ctl_ok(&["events", "--json", "--limit", &limit.to_string()]);
+        stdout
+            .lines()
+            .filter(|line| !line.trim().is_empty())
+            .map(|line| {
+                serde_json::from_str(line)
+                    .unwrap_or_else(|err| panic!("event line is not JSON ({err}): {line}"))
+            })
+            .collect()
+    }
+
+    /// Polls `events` (every 100 ms, at most `timeout`) until one matches;
+    /// panics with every event seen when none does.
+    pub fn wait_for_event(
+        &self,
+        what: &str,
+        timeout: Duration,
+        predicate: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let events = self.events(10_000);
+            if let Some(event) = events.iter().find(|event| predicate(event)) {
+                return event.clone();
+            }
+            if Instant::now() >= deadline {
+                let lines: Vec<String> = events.iter().map(Value::to_string).collect();
+                panic!(
+                    "no event {what} within {timeout:?}; the daemon has {} events:\n{}\n{}",
+                    lines.len(),
+                    lines.join("\n"),
+                    self.logs()
+                );
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Replaces the policy file (takes effect on `reload` or SIGHUP).
+    pub fn rewrite_policy(&self, policy_toml: &str) {
+        fs::write(&self.policy, policy_toml).expect("rewrite policy.toml");
+    }
+
+    /// `egressctl reload`.
+    pub fn reload(&self) -> Output {
+        self.ctl(&["reload"])
+    }
+
+    pub fn sighup(&self) {
+        kill(self.nix_pid(), Signal::SIGHUP).expect("send SIGHUP to egressd");
+    }
+
+    fn nix_pid(&self) -> Pid {
+        Pid::from_raw(i32::try_from(self.pid()).expect("pid fits i32"))
+    }
+
+    /// Stops the daemon: SIGTERM, then SIGKILL after 10 s. Returns how it exited
+    /// and whether it needed SIGKILL.
+    pub fn stop(&mut self) -> Option<(ExitStatus, bool)> {
+        let mut child = self.child.take()?;
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some((status, false));
+        }
+        let _ = kill(
+            Pid::from_raw(i32::try_from(child.id()).ok()?),
+            Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => return Some((status, false)),
+                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+                _ => {
+                    let _ = child.kill();
+                    return child.wait().ok().map(|status| (status, true));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let stopped = self.stop();
+        if thread::panicking() {
+            eprintln!(
+                "egressd (stopped: {stopped:?}) in {}:\n{}",
+                self.dir.path().display(),
+                self.logs()
+            );
+        } else if let Some((_, true)) = stopped {
+            eprintln!(
+                "egressd-tests: egressd needed SIGKILL: it ignored SIGTERM for {STOP_TIMEOUT:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! Writing test policies (TOML) without repeating the boilerplate.
+
+use std::fmt::Write as _;
+
+use crate::cgroup::TestCgroup;
+
+/// One `[[workload]]` of a test policy.
+#[derive(Debug, Clone)]
+pub struct WorkloadSpec {
+    pub name: String,
+    /// Relative to the cgroup v2 mount.
+    pub cgroup: String,
+    /// `None`: the workload follows the top-level mode.
+    pub mode: Option<String>,
+    pub raw_sockets: bool,
+    /// Inline tables from [`allow`].
+    pub allow: Vec<String>,
+}
+
+impl WorkloadSpec {
+    /// A workload named `name` on `cgroup` with no mode of its own, no raw
+    /// sockets and no allow rules.
+    pub fn new(name: &str, cgroup: &TestCgroup) -> WorkloadSpec {
+        WorkloadSpec {
+            name: name.to_owned(),
+            cgroup: cgroup.relative_path().to_owned(),
+            mode: None,
+            raw_sockets: false,
+            allow: Vec::new(),
+        }
+    }
+
+    pub fn mode(mut self, mode: &str) -> WorkloadSpec {
+        self.mode = Some(mode.to_owned());
+        self
+    }
+
+    pub fn raw_sockets(mut self, raw_sockets: bool) -> WorkloadSpec {
+        self.raw_sockets = raw_sockets;
+        self
+    }
+
+    pub fn allow(mut self, rule: String) -> WorkloadSpec {
+        self.allow.push(rule);
+        self
+    }
+}
+
+/// An allow rule as an inline table; `ports` empty means every port.
+pub fn allow(cidr: &str, ports: &[u16], protocol: &str) -> String {
+    let mut rule = format!("{{ cidr = {cidr:?}");
+    if !ports.is_empty() {
+        let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+        let _ = write!(rule, ", ports = [{}]", ports.join(", "));
+    }
+    let _ = write!(rule, ", protocol = {protocol:?}, reason = \"e2e test\" }}");
+    rule
+}
+
+/// A whole policy: top-level `mode`, `defaults.deny`, the workloads (one rule
+/// per line, so error lines are easy to predict).
+pub fn policy_toml(mode: &str, deny: &[&str], workloads: &[WorkloadSpec]) -> String {
+    let mut text = format!("mode = {mode:?}\n\n[defaults]\nunmatched = \"allow\"\n");
+    let deny: Vec<String> = deny.iter().map(|net| format!("{net:?}")).collect();
+    let _ = writeln!(text, "deny = [{}]", deny.join(", "));
+    for workload in workloads {
+        let _ = write!(
+            text,
+            "\n[[workload]]\nname = {:?}\ncgroup = {:?}\n",
+            workload.name, workload.cgroup
+        );
+        if let Some(mode) = &workload.mode {
+            let _ = writeln!(text, "mode = {mode:?}");
+        }
+        let _ = writeln!(text, "raw_sockets = {}", workload.raw_sockets);
+        text.push_str("allow = [\n");
+        for rule in &workload.allow {
+            let _ = writeln!(text, "  {rule},");
+        }
+        text.push_str("]\n");
+    }
+    text
+}
+
+/// The 1-based number of the first line of `text` containing `needle`.
+#[track_caller]
+pub fn line_of(text: &str, needle: &str) -> usize {
+    text.lines()
+        .position(|line| line.contains(needle))
+        .map(|index| index + 1)
+        .unwrap_or_else(|| panic!("{needle:?} is not in:\n{text}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_render_as_inline_tables() {
+        assert_eq!(
+            allow("127.0.0.2", &[8443, 9000], "tcp"),
+            r#"{ cidr = "127.0.0.2", ports = [8443, 9000], protocol = "tcp", reason = "e2e test" }"#
+        );
+        assert_eq!(
+            allow("::1", &[], "icmp"),
+            r#"{ cidr = "::1", protocol = "icmp", reason = "e2e test" }"#
+        );
+    }
+
+    #[test]
+    fn line_numbers_are_one_based() {
+        assert_eq!(line_of("a\nb\nc", "b"), 2);
+    }
+}
