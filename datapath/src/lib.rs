@@ -17,6 +17,7 @@ use aya::{
         SockOps,
     },
 };
+use egressd_common::policy as policy_limits;
 use egressd_common::{
     LAYOUT_VERSION, event as counters,
     policy::{
@@ -180,6 +181,18 @@ pub struct Counters {
     pub dns_answer_drops: u64,
 }
 
+/// Protocol names of the decision counters, with a protocol number that falls in each slot.
+const DECISION_PROTOCOLS: [(&str, u8); 4] = [("tcp", 6), ("udp", 17), ("icmp", 1), ("other", 0)];
+
+/// Decisions of one workload for one protocol and verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecisionCount {
+    /// tcp, udp, icmp (ICMP and ICMPv6) or other.
+    pub protocol: &'static str,
+    pub verdict: Verdict,
+    pub count: u64,
+}
+
 const SOCK_ADDR_PROGRAMS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
 
 pub struct Datapath {
@@ -192,6 +205,7 @@ pub struct Datapath {
     allow: LpmTrie<MapData, AllowKey, AllowValue>,
     deny: LpmTrie<MapData, DenyKey, u32>,
     counters: PerCpuArray<MapData, u64>,
+    decision_counters: PerCpuArray<MapData, u64>,
     events: Option<RingBuf<MapData>>,
     dns_answers: Option<RingBuf<MapData>>,
     clock: events::Clock,
@@ -233,6 +247,8 @@ impl Datapath {
         let deny = LpmTrie::try_from(maps.take("DENY")?).map_err(map_err("DENY", "opening"))?;
         let counters = PerCpuArray::try_from(maps.take("COUNTERS")?)
             .map_err(map_err("COUNTERS", "opening"))?;
+        let decision_counters = PerCpuArray::try_from(maps.take("DECISION_COUNTERS")?)
+            .map_err(map_err("DECISION_COUNTERS", "opening"))?;
         let events =
             RingBuf::try_from(maps.take("EVENTS")?).map_err(map_err("EVENTS", "opening"))?;
         let dns_answers = RingBuf::try_from(maps.take("DNS_ANSWERS")?)
@@ -265,6 +281,7 @@ impl Datapath {
             allow,
             deny,
             counters,
+            decision_counters,
             events: Some(events),
             dns_answers: Some(dns_answers),
             clock: events::Clock::new(),
@@ -469,6 +486,52 @@ impl Datapath {
             dns_answers: total(counters::COUNTER_DNS_ANSWERS)?,
             dns_answer_drops: total(counters::COUNTER_DNS_DROPS)?,
         })
+    }
+
+    /// Decisions of one workload so far, by protocol and verdict.
+    pub fn decision_counters(&self, workload: u32) -> Result<Vec<DecisionCount>, DatapathError> {
+        let mut counts = Vec::new();
+        for (protocol, sample) in DECISION_PROTOCOLS {
+            for (verdict, verdict_code) in [
+                (Verdict::Allow, counters::VERDICT_ALLOW),
+                (Verdict::Deny, counters::VERDICT_DENY),
+                (Verdict::WouldDeny, counters::VERDICT_WOULD_DENY),
+            ] {
+                let index = counters::decision_counter_index(workload, sample, verdict_code);
+                let values = self
+                    .decision_counters
+                    .get(&index, 0)
+                    .map_err(map_err("DECISION_COUNTERS", "reading"))?;
+                counts.push(DecisionCount {
+                    protocol,
+                    verdict,
+                    count: values.iter().copied().fold(0u64, u64::wrapping_add),
+                });
+            }
+        }
+        Ok(counts)
+    }
+
+    /// Fill levels of the maps with fixed capacity: `(map, entries, capacity)`.
+    pub fn map_fill(&self) -> Vec<(&'static str, usize, u32)> {
+        vec![
+            (
+                "allow",
+                self.installed_allow.len(),
+                policy_limits::MAX_ALLOW_ENTRIES,
+            ),
+            (
+                "deny",
+                self.installed_deny.len(),
+                policy_limits::MAX_DENY_ENTRIES,
+            ),
+            (
+                "workload_cgroups",
+                self.installed_cgroups.len(),
+                policy_limits::MAX_WORKLOAD_CGROUPS,
+            ),
+            ("workloads", self.installed_workloads.len(), MAX_WORKLOAD_ID),
+        ]
     }
 
     fn sync_cgroup_map(&mut self, desired: &BTreeMap<u64, u32>) -> Result<(), DatapathError> {

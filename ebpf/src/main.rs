@@ -224,6 +224,7 @@ pub fn sock_create(ctx: SockContext) -> i32 {
         reason: REASON_RAW_SOCKET,
         hook: HOOK_SOCK_CREATE,
     };
+    verdict::count_decision(workload, flow.protocol, verdict);
     verdict::count(if verdict == VERDICT_DENY {
         egressd_common::event::COUNTER_DENIED
     } else {

@@ -6,7 +6,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use egressd_common::{
-    event::{COUNTERS_LEN, DNS_RING_BUFFER_BYTES, RING_BUFFER_BYTES},
+    event::{
+        COUNTERS_LEN, DECISION_COUNTERS_PER_WORKLOAD, DNS_RING_BUFFER_BYTES, RING_BUFFER_BYTES,
+    },
     policy::{
         AllowKey, AllowValue, DenyKey, MAX_ALLOW_ENTRIES, MAX_DENY_ENTRIES, MAX_WORKLOAD_CGROUPS,
         MAX_WORKLOADS, Settings, WorkloadConfig,
@@ -44,6 +46,11 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BUFFER_BYTES, 0);
 /// DNS answers for the control plane's FQDN rules.
 #[map]
 pub static DNS_ANSWERS: RingBuf = RingBuf::with_byte_size(DNS_RING_BUFFER_BYTES, 0);
+
+/// Decisions per workload, protocol and verdict (see `decision_counter_index`).
+#[map]
+pub static DECISION_COUNTERS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(MAX_WORKLOADS * DECISION_COUNTERS_PER_WORKLOAD, 0);
 
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);

@@ -16,7 +16,7 @@ use egressd_common::{
         COUNTER_ALLOWED, COUNTER_DENIED, COUNTER_EVENTS, COUNTER_RING_DROPS, COUNTER_WOULD_DENY,
         EVENT_DENIED, EVENT_NEW_DESTINATION, EVENT_WOULD_DENY, Event, REASON_ALLOW_RULE,
         REASON_DENY_LIST, REASON_LEARNING, REASON_NO_RULE, VERDICT_ALLOW, VERDICT_DENY,
-        VERDICT_WOULD_DENY,
+        VERDICT_WOULD_DENY, decision_counter_index,
     },
     policy::{
         ALLOW_KEY_WORKLOAD_BITS, AllowKey, DenyKey, MAX_CGROUP_DEPTH, MAX_PORT_RULES, MODE_AUDIT,
@@ -27,7 +27,8 @@ use egressd_common::{
 };
 
 use crate::maps::{
-    ALLOW, COUNTERS, DENY, EVENTS, SEEN, SETTINGS, SOCKET_STATE, WORKLOAD_CGROUPS, WORKLOADS,
+    ALLOW, COUNTERS, DECISION_COUNTERS, DENY, EVENTS, SEEN, SETTINGS, SOCKET_STATE,
+    WORKLOAD_CGROUPS, WORKLOADS,
 };
 
 pub const IPPROTO_ICMP: u8 = 1;
@@ -89,6 +90,15 @@ impl Task {
 #[inline(always)]
 pub fn count(index: u32) {
     if let Some(counter) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *counter += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn count_decision(workload: u32, protocol: u8, verdict: u8) {
+    let index = decision_counter_index(workload, protocol, verdict);
+    if let Some(counter) = DECISION_COUNTERS.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         unsafe { *counter += 1 };
     }
@@ -295,6 +305,7 @@ pub struct Decision {
 /// Counts the decision and sends the events it calls for.
 #[inline(always)]
 pub fn report(decision: &Decision, flow: &Flow, task: &Task) {
+    count_decision(decision.workload, flow.protocol, decision.verdict);
     let kind = match decision.verdict {
         VERDICT_DENY => {
             count(COUNTER_DENIED);

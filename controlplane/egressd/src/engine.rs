@@ -44,6 +44,8 @@ pub struct Engine {
     cgroup_paths: BTreeMap<u32, Vec<String>>,
     config_path: PathBuf,
     started_at: SystemTime,
+    reloads_succeeded: u64,
+    reloads_failed: u64,
 }
 
 impl Engine {
@@ -63,6 +65,8 @@ impl Engine {
             cgroup_paths: BTreeMap::new(),
             config_path,
             started_at: SystemTime::now(),
+            reloads_succeeded: 0,
+            reloads_failed: 0,
         };
         let policy = engine.policy.clone();
         engine.install(&policy)?;
@@ -187,6 +191,7 @@ impl Engine {
                 self.policy = policy;
                 self.policy_loaded_at = SystemTime::now();
                 self.last_error = None;
+                self.reloads_succeeded += 1;
                 tracing::info!("{message}");
                 Ok(message)
             }
@@ -194,6 +199,7 @@ impl Engine {
                 let message =
                     format!("reload rejected, the previous policy stays in force: {message}");
                 tracing::error!("{message}");
+                self.reloads_failed += 1;
                 self.last_error = Some(ReloadFailure {
                     at: rfc3339(SystemTime::now()),
                     message: message.clone(),
@@ -266,6 +272,32 @@ impl Engine {
         self.ids
             .iter()
             .find_map(|(name, &wid)| (wid == id).then(|| name.clone()))
+    }
+
+    pub fn metrics_settings(&self) -> &egressd_policy::MetricsSettings {
+        &self.policy.metrics
+    }
+
+    pub fn metrics_snapshot(&self) -> crate::metrics::Snapshot {
+        let workloads = Self::effective_workloads(&self.policy)
+            .iter()
+            .filter_map(|w| {
+                let id = *self.ids.get(&w.name)?;
+                Some(crate::metrics::WorkloadSnapshot {
+                    name: w.name.clone(),
+                    mode: self.modes.resolve(&self.policy, w).0,
+                    decisions: self.datapath.decision_counters(id).unwrap_or_default(),
+                })
+            })
+            .collect();
+        crate::metrics::Snapshot {
+            counters: self.datapath.counters().unwrap_or_default(),
+            workloads,
+            map_fill: self.datapath.map_fill(),
+            policy_sha256: self.policy.source.sha256.clone(),
+            reloads_succeeded: self.reloads_succeeded,
+            reloads_failed: self.reloads_failed,
+        }
     }
 
     pub fn status(&self) -> StatusReport {

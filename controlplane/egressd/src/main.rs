@@ -5,6 +5,7 @@ mod cgroups;
 mod control;
 mod engine;
 mod events;
+mod metrics;
 mod modes;
 
 use std::io::IsTerminal as _;
@@ -162,6 +163,13 @@ async fn run(args: Args, json: bool) -> anyhow::Result<()> {
         shared.clone(),
         args.socket.clone(),
     ));
+    let metrics = match shared.engine.lock() {
+        Ok(engine) => engine.metrics_settings().clone(),
+        Err(_) => anyhow::bail!("daemon state is poisoned"),
+    };
+    if metrics.enabled {
+        tokio::spawn(metrics::serve(metrics.listen, shared.clone()));
+    }
     tracing::info!(
         cgroup_root = %cgroup_root.display(),
         socket = %args.socket.display(),

@@ -15,10 +15,10 @@ use crate::cidr::parse_cidr;
 use crate::error::{Diagnostic, Location, PolicyError, SourceMap};
 use crate::fqdn::FqdnPattern;
 use crate::model::{
-    AllowRule, Defaults, Destination, DnsSettings, HOST_WORKLOAD, MAX_WORKLOADS, Policy,
-    PolicySource, Workload,
+    AllowRule, Defaults, Destination, DnsSettings, HOST_WORKLOAD, MAX_WORKLOADS, MetricsSettings,
+    Policy, PolicySource, Workload,
 };
-use crate::raw::{RawAllow, RawDns, RawDuration, RawPolicy, RawPort, RawWorkload};
+use crate::raw::{RawAllow, RawDns, RawDuration, RawMetrics, RawPolicy, RawPort, RawWorkload};
 use crate::types::{Mode, PortRange, Protocol, Unmatched};
 
 const MAX_NAME_LEN: usize = 64;
@@ -138,11 +138,13 @@ impl Compiler<'_> {
             .filter_map(|cidr| self.cidr(cidr, "deny"))
             .collect();
         let dns = self.dns(raw.dns);
+        let metrics = self.metrics(raw.metrics);
         let workloads = self.workloads(raw.workloads);
         Policy {
             mode,
             defaults: Defaults { unmatched, deny },
             dns,
+            metrics,
             workloads,
             source,
         }
@@ -156,6 +158,25 @@ impl Compiler<'_> {
         self.value(value, |s| {
             parse_cidr(s).map_err(|e| format!("invalid {what} cidr {s:?}: {e}"))
         })
+    }
+
+    fn metrics(&mut self, raw: RawMetrics) -> MetricsSettings {
+        let defaults = MetricsSettings::default();
+        let listen = raw
+            .listen
+            .as_ref()
+            .and_then(|value| {
+                self.value(value, |s| {
+                    s.parse::<std::net::SocketAddr>().map_err(|_| {
+                        format!("invalid metrics listen address {s:?}: expected IP:PORT, e.g. \"127.0.0.1:9469\"")
+                    })
+                })
+            })
+            .unwrap_or(defaults.listen);
+        MetricsSettings {
+            enabled: raw.enabled.unwrap_or(defaults.enabled),
+            listen,
+        }
     }
 
     fn dns(&mut self, raw: RawDns) -> DnsSettings {

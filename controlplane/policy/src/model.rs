@@ -25,8 +25,33 @@ pub struct Policy {
     pub mode: Mode,
     pub defaults: Defaults,
     pub dns: DnsSettings,
+    pub metrics: MetricsSettings,
     pub workloads: Vec<Workload>,
     pub source: PolicySource,
+}
+
+/// `[metrics]`: the Prometheus endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsSettings {
+    /// Off switch. Default on.
+    pub enabled: bool,
+    /// Default 127.0.0.1:9469 (loopback: scrape through a local agent or a tunnel).
+    pub listen: std::net::SocketAddr,
+}
+
+impl MetricsSettings {
+    pub const DEFAULT_LISTEN: std::net::SocketAddr = std::net::SocketAddr::V4(
+        std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 9469),
+    );
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        MetricsSettings {
+            enabled: true,
+            listen: Self::DEFAULT_LISTEN,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

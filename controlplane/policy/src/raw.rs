@@ -16,6 +16,7 @@ pub(crate) struct RawPolicy {
     pub mode: Option<Spanned<String>>,
     pub defaults: RawDefaults,
     pub dns: RawDns,
+    pub metrics: RawMetrics,
     #[serde(rename = "workload")]
     pub workloads: Vec<Spanned<RawWorkload>>,
 }
@@ -25,6 +26,13 @@ pub(crate) struct RawPolicy {
 pub(crate) struct RawDefaults {
     pub unmatched: Option<Spanned<String>>,
     pub deny: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct RawMetrics {
+    pub enabled: Option<bool>,
+    pub listen: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

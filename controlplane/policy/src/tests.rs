@@ -961,3 +961,18 @@ cgroup = "a/**/b"
     assert!(pattern("nested").matches("a/x/y/b"));
     assert_eq!(pattern("nested").literal_prefix(), "a");
 }
+
+#[test]
+fn metrics_section_defaults_and_overrides() {
+    let default = ok("");
+    assert!(default.metrics.enabled);
+    assert_eq!(default.metrics.listen, MetricsSettings::DEFAULT_LISTEN);
+    let custom = ok("[metrics]\nenabled = false\nlisten = \"[::1]:9500\"\n");
+    assert!(!custom.metrics.enabled);
+    assert_eq!(custom.metrics.listen, "[::1]:9500".parse().expect("addr"));
+    assert_error(
+        "[metrics]\nlisten = \"localhost\"\n",
+        "\"localhost\"",
+        "invalid metrics listen address",
+    );
+}

@@ -105,3 +105,37 @@ mod pod {
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::DnsAnswer {}
 }
+
+/// Per-workload decision counters: one per-CPU slot for every (workload, protocol, verdict).
+/// Protocol slots: 0 TCP, 1 UDP, 2 ICMP/ICMPv6, 3 anything else.
+/// Verdict slots: 0 allow, 1 deny, 2 would-deny.
+pub const DECISION_PROTOCOL_SLOTS: u32 = 4;
+pub const DECISION_VERDICT_SLOTS: u32 = 3;
+pub const DECISION_COUNTERS_PER_WORKLOAD: u32 = DECISION_PROTOCOL_SLOTS * DECISION_VERDICT_SLOTS;
+
+#[inline(always)]
+pub const fn decision_protocol_slot(protocol: u8) -> u32 {
+    match protocol {
+        6 => 0,
+        17 => 1,
+        1 | 58 => 2,
+        _ => 3,
+    }
+}
+
+#[inline(always)]
+pub const fn decision_verdict_slot(verdict: u8) -> u32 {
+    match verdict {
+        VERDICT_DENY => 1,
+        VERDICT_WOULD_DENY => 2,
+        _ => 0,
+    }
+}
+
+/// Index into `DECISION_COUNTERS` for a decision.
+#[inline(always)]
+pub const fn decision_counter_index(workload: u32, protocol: u8, verdict: u8) -> u32 {
+    workload * DECISION_COUNTERS_PER_WORKLOAD
+        + decision_protocol_slot(protocol) * DECISION_VERDICT_SLOTS
+        + decision_verdict_slot(verdict)
+}

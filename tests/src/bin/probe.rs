@@ -63,6 +63,9 @@ enum Action {
     ForkConnect(SocketAddr, PathBuf),
     PassSocket(PathBuf),
     Sleep(u64),
+    /// Connects a UDP socket and sends once (must succeed), waits until GO_FILE exists, then
+    /// sends again with plain send(): the result reported is the second send's.
+    UdpResendAfter(SocketAddr, PathBuf),
 }
 
 /// Why the action failed: the step, the errno (0 when there is none) and a text.
@@ -149,6 +152,10 @@ fn parse(args: &[String]) -> Result<Action, String> {
             PathBuf::from(procs),
         )),
         ["pass-socket", path] => Ok(Action::PassSocket(PathBuf::from(path))),
+        ["udp-resend-after", addr, port, go_file] => Ok(Action::UdpResendAfter(
+            socket_addr(addr, port)?,
+            PathBuf::from(go_file),
+        )),
         ["sleep", secs] => {
             let secs: u64 = secs
                 .parse()
@@ -217,6 +224,28 @@ fn run(action: Action) -> Outcome {
             Ok(())
         }
         Action::ForkConnect(..) => Err(Failure::other("internal", "handled in main")),
+        Action::UdpResendAfter(addr, go_file) => {
+            let socket = udp_socket(addr)?;
+            socket
+                .connect(addr)
+                .map_err(|err| Failure::io("connect", &err))?;
+            socket
+                .send(ECHO_PAYLOAD)
+                .map_err(|err| Failure::io("first send", &err))?;
+            // Bounded wait for the test's signal: 200 polls of 50 ms.
+            let mut polls = 0;
+            while !go_file.exists() {
+                if polls == 200 {
+                    return Err(Failure::other("wait", "go file never appeared"));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+                polls += 1;
+            }
+            socket
+                .send(ECHO_PAYLOAD)
+                .map_err(|err| Failure::io("second send", &err))?;
+            Ok(())
+        }
     }
 }
 

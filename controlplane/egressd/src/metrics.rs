@@ -1,0 +1,309 @@
+//! Prometheus metrics on a loopback address (`[metrics] listen`), rendered from a snapshot of
+//! the kernel's counters on every scrape.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use egressd_datapath::{Counters, DecisionCount, Verdict};
+use egressd_policy::Mode;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+
+use crate::control::Shared;
+
+/// Everything one scrape reports, copied out under the engine lock.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub counters: Counters,
+    pub workloads: Vec<WorkloadSnapshot>,
+    /// `(map, entries, capacity)`.
+    pub map_fill: Vec<(&'static str, usize, u32)>,
+    pub policy_sha256: String,
+    pub reloads_succeeded: u64,
+    pub reloads_failed: u64,
+}
+
+#[derive(Debug)]
+pub struct WorkloadSnapshot {
+    pub name: String,
+    pub mode: Mode,
+    pub decisions: Vec<DecisionCount>,
+}
+
+fn verdict_label(verdict: Verdict) -> &'static str {
+    match verdict {
+        Verdict::Allow => "allow",
+        Verdict::Deny => "deny",
+        Verdict::WouldDeny => "would_deny",
+    }
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+fn counter(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: &[(Labels, u64)],
+) -> Result<(), std::fmt::Error> {
+    let mut metric =
+        encoder.encode_descriptor(name, help, None, ConstCounter::new(0u64).metric_type())?;
+    if let [(labels, value)] = series
+        && labels.is_empty()
+    {
+        return ConstCounter::new(*value).encode(metric);
+    }
+    for (labels, value) in series {
+        ConstCounter::new(*value).encode(metric.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+fn gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: &[(Labels, i64)],
+) -> Result<(), std::fmt::Error> {
+    let mut metric =
+        encoder.encode_descriptor(name, help, None, ConstGauge::new(0i64).metric_type())?;
+    if let [(labels, value)] = series
+        && labels.is_empty()
+    {
+        return ConstGauge::new(*value).encode(metric);
+    }
+    for (labels, value) in series {
+        ConstGauge::new(*value).encode(metric.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for Snapshot {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let decisions: Vec<(Labels, u64)> = self
+            .workloads
+            .iter()
+            .flat_map(|w| {
+                w.decisions.iter().map(move |d| {
+                    (
+                        vec![
+                            ("workload", w.name.clone()),
+                            ("protocol", d.protocol.to_owned()),
+                            ("verdict", verdict_label(d.verdict).to_owned()),
+                        ],
+                        d.count,
+                    )
+                })
+            })
+            .collect();
+        counter(
+            &mut encoder,
+            "egressd_decisions",
+            "Connection and packet decisions (cached per-socket verdicts are not recounted)",
+            &decisions,
+        )?;
+        let modes: Vec<(Labels, i64)> = self
+            .workloads
+            .iter()
+            .flat_map(|w| {
+                Mode::ALL.into_iter().map(move |mode| {
+                    (
+                        vec![
+                            ("workload", w.name.clone()),
+                            ("mode", mode.as_str().to_owned()),
+                        ],
+                        i64::from(w.mode == mode),
+                    )
+                })
+            })
+            .collect();
+        gauge(
+            &mut encoder,
+            "egressd_workload_mode",
+            "1 for the mode each workload is in",
+            &modes,
+        )?;
+        let plain = |value: u64| vec![(Labels::new(), value)];
+        let c = &self.counters;
+        counter(
+            &mut encoder,
+            "egressd_events",
+            "Events sent by the kernel",
+            &plain(c.events),
+        )?;
+        counter(
+            &mut encoder,
+            "egressd_ring_buffer_drops",
+            "Events lost because the ring buffer was full",
+            &plain(c.ring_buffer_drops),
+        )?;
+        counter(
+            &mut encoder,
+            "egressd_dns_answers",
+            "DNS answers handed to the daemon",
+            &plain(c.dns_answers),
+        )?;
+        counter(
+            &mut encoder,
+            "egressd_dns_answer_drops",
+            "DNS answers lost because the daemon fell behind",
+            &plain(c.dns_answer_drops),
+        )?;
+        counter(
+            &mut encoder,
+            "egressd_verdict_cache_hits",
+            "Packets decided by a socket's cached verdict",
+            &plain(c.cache_hits),
+        )?;
+        counter(
+            &mut encoder,
+            "egressd_socket_storage_failures",
+            "Sockets the kernel could not give per-socket state (decided without caching)",
+            &plain(c.storage_failures),
+        )?;
+        counter(
+            &mut encoder,
+            "egressd_policy_reloads",
+            "Policy reloads by result",
+            &[
+                (
+                    vec![("result", "success".to_owned())],
+                    self.reloads_succeeded,
+                ),
+                (vec![("result", "failure".to_owned())], self.reloads_failed),
+            ],
+        )?;
+        gauge(
+            &mut encoder,
+            "egressd_policy_info",
+            "The policy in force (sha256 of the file)",
+            &[(vec![("sha256", self.policy_sha256.clone())], 1)],
+        )?;
+        let entries: Vec<(Labels, i64)> = self
+            .map_fill
+            .iter()
+            .map(|&(map, n, _)| {
+                (
+                    vec![("map", map.to_owned())],
+                    i64::try_from(n).unwrap_or(i64::MAX),
+                )
+            })
+            .collect();
+        gauge(
+            &mut encoder,
+            "egressd_map_entries",
+            "Entries in each policy map",
+            &entries,
+        )?;
+        let capacity: Vec<(Labels, i64)> = self
+            .map_fill
+            .iter()
+            .map(|&(map, _, limit)| (vec![("map", map.to_owned())], i64::from(limit)))
+            .collect();
+        gauge(
+            &mut encoder,
+            "egressd_map_capacity",
+            "Capacity of each policy map",
+            &capacity,
+        )?;
+        Ok(())
+    }
+}
+
+pub fn render(snapshot: Snapshot) -> Result<String, std::fmt::Error> {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(snapshot));
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry)?;
+    Ok(text)
+}
+
+/// Serves `/metrics` until the runtime stops. A bind failure is logged, never fatal:
+/// enforcement does not depend on metrics.
+pub async fn serve(listen: SocketAddr, shared: Arc<Shared>) {
+    let listener = match tokio::net::TcpListener::bind(listen).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            tracing::error!("metrics: cannot listen on {listen}: {e}; metrics are off");
+            return;
+        }
+    };
+    tracing::info!("metrics on http://{listen}/metrics");
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let shared = shared.clone();
+            async move {
+                let snapshot = match shared.engine.lock() {
+                    Ok(engine) => engine.metrics_snapshot(),
+                    Err(_) => Snapshot::default(),
+                };
+                match render(snapshot) {
+                    Ok(text) => (
+                        axum::http::StatusCode::OK,
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        text,
+                    ),
+                    Err(_) => (
+                        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; charset=utf-8",
+                        )],
+                        "metrics encoding failed\n".to_owned(),
+                    ),
+                }
+            }
+        }),
+    );
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!("metrics server stopped: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_with_prometheus_names() {
+        let snapshot = Snapshot {
+            counters: Counters {
+                denied: 3,
+                ring_buffer_drops: 1,
+                ..Default::default()
+            },
+            workloads: vec![WorkloadSnapshot {
+                name: "agent".into(),
+                mode: Mode::Strict,
+                decisions: vec![DecisionCount {
+                    protocol: "tcp",
+                    verdict: Verdict::Deny,
+                    count: 3,
+                }],
+            }],
+            map_fill: vec![("allow", 2, 100)],
+            policy_sha256: "abc".into(),
+            reloads_succeeded: 1,
+            reloads_failed: 0,
+        };
+        let text = render(snapshot).expect("renders");
+        for expected in [
+            r#"egressd_decisions_total{workload="agent",protocol="tcp",verdict="deny"} 3"#,
+            r#"egressd_workload_mode{workload="agent",mode="strict"} 1"#,
+            r#"egressd_workload_mode{workload="agent",mode="audit"} 0"#,
+            "egressd_ring_buffer_drops_total 1",
+            r#"egressd_policy_reloads_total{result="success"} 1"#,
+            r#"egressd_map_entries{map="allow"} 2"#,
+            r#"egressd_map_capacity{map="allow"} 100"#,
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in\n{text}");
+        }
+    }
+}
