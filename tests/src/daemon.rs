@@ -72,6 +72,11 @@ impl Daemon {
     /// Writes `policy_toml`, starts egressd on it and waits until `egressctl
     /// status` answers (polling every 50 ms, at most [`READY_TIMEOUT`]).
     pub fn start(policy_toml: &str) -> Daemon {
+        Daemon::start_with_args(policy_toml, &[])
+    }
+
+    /// [`Daemon::start`] with extra command-line arguments for egressd.
+    pub fn start_with_args(policy_toml: &str, extra_args: &[&str]) -> Daemon {
         require_root();
         cgroup2_root();
         let egressd = egressd_bin();
@@ -97,6 +102,7 @@ impl Daemon {
             .arg(&state_dir)
             .arg("--socket")
             .arg(&socket)
+            .args(extra_args)
             .stdin(Stdio::null())
             .stdout(File::create(&stdout_log).expect("create the stdout log"))
             .stderr(File::create(&stderr_log).expect("create the stderr log"))

@@ -20,6 +20,9 @@ pub struct Args {
     /// Control socket for egressctl.
     #[arg(long, default_value = egressd_proto::DEFAULT_SOCKET)]
     pub socket: PathBuf,
+    /// Group (name or number) whose members may use the control socket besides root.
+    #[arg(long)]
+    pub socket_group: Option<String>,
     /// Cgroup v2 mount to attach at (default: found in /proc/self/mounts).
     #[arg(long)]
     pub cgroup_root: Option<PathBuf>,

@@ -23,11 +23,13 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Shared {
     pub engine: Mutex<Engine>,
     pub events: EventHub,
+    /// Group whose members may use the control socket besides root.
+    pub socket_group: Option<u32>,
 }
 
-/// Binds the socket: mode 0600, parent created, a stale file from a dead daemon replaced,
-/// a live daemon's socket left alone.
-pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+/// Binds the socket: mode 0600 (0660 owned by `group` when one is configured), parent
+/// created, a stale file from a dead daemon replaced, a live daemon's socket left alone.
+pub fn bind(path: &Path, group: Option<u32>) -> anyhow::Result<UnixListener> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("creating socket directory {}", parent.display()))?;
@@ -44,8 +46,16 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     }
     let listener = UnixListener::bind(path)
         .with_context(|| format!("binding control socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("restricting {} to root", path.display()))?;
+    let mode = match group {
+        Some(gid) => {
+            std::os::unix::fs::chown(path, Some(0), Some(gid))
+                .with_context(|| format!("giving {} to group {gid}", path.display()))?;
+            0o660
+        }
+        None => 0o600,
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("restricting {}", path.display()))?;
     Ok(listener)
 }
 
@@ -74,8 +84,34 @@ pub async fn serve(listener: UnixListener, shared: Arc<Shared>, path: PathBuf) {
     }
 }
 
-fn peer_is_root(stream: &UnixStream) -> bool {
-    stream.peer_cred().is_ok_and(|cred| cred.uid() == 0)
+/// Root, or a member of the configured group (primary or supplementary, read from
+/// /proc/PID/status of the peer as the kernel reported it at connect time).
+fn peer_may_control(stream: &UnixStream, group: Option<u32>) -> bool {
+    let Ok(cred) = stream.peer_cred() else {
+        return false;
+    };
+    if cred.uid() == 0 {
+        return true;
+    }
+    let Some(group) = group else {
+        return false;
+    };
+    if cred.gid() == group {
+        return true;
+    }
+    let Some(pid) = cred.pid() else {
+        return false;
+    };
+    std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|status| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("Groups:"))
+            .is_some_and(|groups| {
+                groups
+                    .split_whitespace()
+                    .any(|g| g.parse::<u32>() == Ok(group))
+            })
+    })
 }
 
 async fn send(
@@ -89,7 +125,7 @@ async fn send(
 }
 
 async fn handle(stream: UnixStream, shared: &Shared) -> anyhow::Result<()> {
-    let is_root = peer_is_root(&stream);
+    let allowed = peer_may_control(&stream, shared.socket_group);
     let (read, write) = stream.into_split();
     let mut reader = BufReader::new(read);
     let mut writer = BufWriter::new(write);
@@ -118,9 +154,10 @@ async fn handle(stream: UnixStream, shared: &Shared) -> anyhow::Result<()> {
                     continue;
                 }
             };
-        if !is_root {
-            let message =
-                "permission denied: only root may use the egressd control socket".to_owned();
+        if !allowed {
+            let message = "permission denied: only root (or members of egressd's --socket-group) \
+                           may use the control socket"
+                .to_owned();
             send(&mut writer, &Response::Error { message }).await?;
             return Ok(());
         }

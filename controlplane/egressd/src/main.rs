@@ -79,7 +79,8 @@ async fn run(args: Args, json: bool) -> anyhow::Result<()> {
         Some(root) => root,
         None => egressd_datapath::cgroup2_mount()?,
     };
-    let listener = control::bind(&args.socket)?;
+    let socket_group = args.socket_group.as_deref().map(group_id).transpose()?;
+    let listener = control::bind(&args.socket, socket_group)?;
 
     let mut datapath = egressd_datapath::Datapath::load(&cgroup_root)
         .with_context(|| format!("loading the eBPF datapath at {}", cgroup_root.display()))?;
@@ -92,6 +93,7 @@ async fn run(args: Args, json: bool) -> anyhow::Result<()> {
     let shared = Arc::new(Shared {
         engine: Mutex::new(engine),
         events: EventHub::new(json),
+        socket_group,
     });
 
     let reader_shared = shared.clone();
@@ -200,4 +202,16 @@ async fn run(args: Args, json: bool) -> anyhow::Result<()> {
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     let _ = std::fs::remove_file(&args.socket);
     Ok(())
+}
+
+/// A group name (looked up in the system's group database) or number.
+fn group_id(group: &str) -> anyhow::Result<u32> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(gid);
+    }
+    match nix::unistd::Group::from_name(group) {
+        Ok(Some(found)) => Ok(found.gid.as_raw()),
+        Ok(None) => anyhow::bail!("--socket-group {group}: no such group"),
+        Err(e) => anyhow::bail!("--socket-group {group}: looking it up failed: {e}"),
+    }
 }
