@@ -5,6 +5,7 @@
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
+mod dns;
 mod maps;
 mod packet;
 mod verdict;
@@ -22,10 +23,9 @@ use aya_ebpf::{
 };
 use egressd_common::{
     event::{
-        COUNTER_CACHE_HITS, COUNTER_DNS_ANSWERS, COUNTER_DNS_DROPS, COUNTER_STORAGE_FAILURES,
-        DNS_PAYLOAD_MAX, DnsAnswer, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_EGRESS, HOOK_SENDMSG4,
-        HOOK_SENDMSG6, HOOK_SOCK_CREATE, REASON_RAW_SOCKET, VERDICT_ALLOW, VERDICT_DENY,
-        VERDICT_WOULD_DENY,
+        COUNTER_CACHE_HITS, COUNTER_STORAGE_FAILURES, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_EGRESS,
+        HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SOCK_CREATE, REASON_RAW_SOCKET, VERDICT_ALLOW,
+        VERDICT_DENY, VERDICT_WOULD_DENY,
     },
     policy::{MODE_AUDIT, MODE_STRICT, NO_WORKLOAD, WORKLOAD_FLAG_RAW_SOCKETS},
     socket::{SOCKET_FLAG_CREATED, SOCKET_FLAG_INBOUND},
@@ -164,7 +164,7 @@ fn check_sock_addr(ctx: &SockAddrContext, ipv6: bool, hook: u32) -> i32 {
     };
     report(&decision, &flow, &task);
     if let Some(state) = state {
-        cache_verdict(state, &flow, settings.generation, verdict);
+        cache_verdict(state, &flow, settings.generation, verdict, reason);
     }
     if verdict == VERDICT_DENY {
         REFUSE
@@ -290,6 +290,9 @@ pub fn egress(ctx: SkBuffContext) -> i32 {
     if parsed.control && !user_raw {
         return ALLOW;
     }
+    if parsed.flow.has_port && parsed.flow.dst_port == dns::DNS_PORT {
+        dns::record_query(&ctx, &parsed, full.cast::<c_void>());
+    }
     // SAFETY: full is a valid full socket.
     let sk_state = unsafe { (*full).state };
     if state.flags & SOCKET_FLAG_INBOUND != 0 || sk_state == TCP_LISTEN {
@@ -310,7 +313,7 @@ pub fn egress(ctx: SkBuffContext) -> i32 {
         unsafe { bpf_skb_ancestor_cgroup_id(skb, level) }
     });
     let Some(config) = workload_config(workload) else {
-        cache_verdict(state, &parsed.flow, settings.generation, VERDICT_ALLOW);
+        cache_verdict(state, &parsed.flow, settings.generation, VERDICT_ALLOW, 0);
         return ALLOW;
     };
     let (verdict, reason) = if parsed.valid {
@@ -341,7 +344,7 @@ pub fn egress(ctx: SkBuffContext) -> i32 {
         &flow,
         &task,
     );
-    cache_verdict(state, &parsed.flow, settings.generation, verdict);
+    cache_verdict(state, &parsed.flow, settings.generation, verdict, reason);
     if verdict == VERDICT_DENY {
         REFUSE
     } else {
@@ -372,26 +375,19 @@ fn egress_without_state(ctx: &SkBuffContext, flow: &Flow) -> i32 {
     }
 }
 
-// ---- ingress: hands DNS answers received by workloads to userspace (FQDN rules) ----
-
-const DNS_PORT: u16 = 53;
-const UDP_HEADER_LEN: usize = 8;
+// ---- ingress: DNS answers to workloads become allowed addresses (FQDN rules) ----
 
 #[cgroup_skb(ingress)]
 pub fn ingress(ctx: SkBuffContext) -> i32 {
     // Ingress never drops: it only observes.
-    forward_dns_answer(&ctx);
+    dns_answer(&ctx);
     ALLOW
 }
 
 #[inline(always)]
-fn forward_dns_answer(ctx: &SkBuffContext) {
+fn dns_answer(ctx: &SkBuffContext) {
     let parsed = packet::parse(ctx);
-    if !parsed.valid
-        || parsed.flow.protocol != verdict::IPPROTO_UDP
-        || !parsed.flow.has_port
-        || parsed.flow.src_port != DNS_PORT
-    {
+    if !parsed.valid || !parsed.flow.has_port || parsed.flow.src_port != dns::DNS_PORT {
         return;
     }
     let skb = ctx.skb.skb;
@@ -418,61 +414,7 @@ fn forward_dns_answer(ctx: &SkBuffContext) {
     if workload_config(workload).is_none() {
         return;
     }
-    let payload_offset = parsed.transport_offset + UDP_HEADER_LEN;
-    let message_len = (ctx.len() as usize).saturating_sub(payload_offset);
-    // Bounded for the verifier: 1..=DNS_PAYLOAD_MAX bytes.
-    let copy_len = if message_len > DNS_PAYLOAD_MAX {
-        DNS_PAYLOAD_MAX
-    } else {
-        message_len
-    };
-    if copy_len == 0 {
-        return;
-    }
-    // Re-derive the bound in a form the verifier tracks (1..=512; a no-op for those values).
-    // The volatile read stops LLVM from folding the mask away with the checks above.
-    let copy_len = copy_len as u32;
-    // SAFETY: reads a local.
-    let copy_len = unsafe { core::ptr::read_volatile(&copy_len) };
-    let copy_len = (copy_len.wrapping_sub(1) & (DNS_PAYLOAD_MAX as u32 - 1)) + 1;
-    let Some(mut entry) = crate::maps::DNS_ANSWERS.reserve::<DnsAnswer>(0) else {
-        count(COUNTER_DNS_DROPS);
-        return;
-    };
-    let answer = entry.as_mut_ptr();
-    // SAFETY: answer points to a reserved, writable DnsAnswer; the helper writes at most
-    // copy_len <= DNS_PAYLOAD_MAX bytes into its payload.
-    let loaded = unsafe {
-        aya_ebpf::helpers::generated::bpf_skb_load_bytes(
-            skb.cast::<c_void>(),
-            payload_offset as u32,
-            (*answer).payload.as_mut_ptr().cast::<c_void>(),
-            copy_len,
-        )
-    };
-    if loaded != 0 {
-        entry.discard(0);
-        count(COUNTER_DNS_DROPS);
-        return;
-    }
-    // SAFETY: as above; header fields are plain writes into the reservation.
-    unsafe {
-        (*answer).timestamp_ns = aya_ebpf::helpers::generated::bpf_ktime_get_ns();
-        (*answer).cgroup_id = bpf_skb_cgroup_id(skb);
-        (*answer).workload = workload;
-        (*answer).payload_len = copy_len;
-        (*answer).message_len = message_len as u32;
-        (*answer).server_port = parsed.flow.src_port;
-        (*answer).client_port = parsed.flow.dst_port;
-        (*answer).server_addr = parsed.flow.src;
-        (*answer).client_addr = parsed.flow.dst;
-        (*answer).family = parsed.flow.family;
-        (*answer).protocol = parsed.flow.protocol;
-        (*answer).reserved = 0;
-        (*answer).reserved2 = 0;
-    }
-    entry.submit(0);
-    count(COUNTER_DNS_ANSWERS);
+    dns::handle_answer(ctx, &parsed, full.cast::<c_void>(), workload);
 }
 
 #[cfg(not(target_arch = "bpf"))]

@@ -21,6 +21,8 @@ pub struct Parsed {
     pub valid: bool,
     /// Offset of the transport header (0 when there is none).
     pub transport_offset: usize,
+    /// Offset of the transport payload (0 when unknown).
+    pub payload_offset: usize,
 }
 
 #[inline(always)]
@@ -46,11 +48,11 @@ fn parse_transport(ctx: &SkBuffContext, offset: usize, parsed: &mut Parsed) {
                 parsed.flow.dst_port = u16::from_be_bytes([ports[2], ports[3]]);
                 parsed.flow.has_port = true;
             }
-            if parsed.flow.protocol == IPPROTO_TCP
-                && let Ok(flags) = ctx.load::<u8>(offset + 13)
-                && flags & TCP_FLAG_RST != 0
-            {
-                parsed.control = true;
+            if parsed.flow.protocol == IPPROTO_UDP {
+                parsed.payload_offset = offset + 8;
+            } else if let Ok(tcp) = ctx.load::<[u8; 2]>(offset + 12) {
+                parsed.payload_offset = offset + usize::from(tcp[0] >> 4) * 4;
+                parsed.control = tcp[1] & TCP_FLAG_RST != 0;
             }
         }
         IPPROTO_ICMP => {
@@ -74,6 +76,7 @@ pub fn parse(ctx: &SkBuffContext) -> Parsed {
         control: false,
         valid: false,
         transport_offset: 0,
+        payload_offset: 0,
     };
     // Branch on the packet's protocol, never the socket's family: an IPv4-mapped destination
     // on an AF_INET6 socket produces IPv4 packets.

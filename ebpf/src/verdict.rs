@@ -15,15 +15,18 @@ use egressd_common::{
     event::{
         COUNTER_ALLOWED, COUNTER_DENIED, COUNTER_EVENTS, COUNTER_RING_DROPS, COUNTER_WOULD_DENY,
         EVENT_DENIED, EVENT_NEW_DESTINATION, EVENT_WOULD_DENY, Event, REASON_ALLOW_RULE,
-        REASON_DENY_LIST, REASON_LEARNING, REASON_NO_RULE, VERDICT_ALLOW, VERDICT_DENY,
-        VERDICT_WOULD_DENY, decision_counter_index,
+        REASON_DENY_LIST, REASON_FQDN, REASON_LEARNING, REASON_NO_RULE, REASON_RESOLVER,
+        VERDICT_ALLOW, VERDICT_DENY, VERDICT_WOULD_DENY, decision_counter_index,
     },
     policy::{
-        ALLOW_KEY_WORKLOAD_BITS, AllowKey, DenyKey, MAX_CGROUP_DEPTH, MAX_PORT_RULES, MODE_AUDIT,
-        MODE_LEARNING, NO_WORKLOAD, PROTOCOL_ANY, PROTOCOL_ICMP_ANY, Settings,
-        WORKLOAD_FLAG_ACTIVE, WorkloadConfig,
+        ALLOW_FLAG_DYNAMIC, ALLOW_KEY_WORKLOAD_BITS, AllowKey, AllowValue, DenyKey,
+        MAX_CGROUP_DEPTH, MAX_PORT_RULES, MODE_AUDIT, MODE_LEARNING, NO_WORKLOAD, PROTOCOL_ANY,
+        PROTOCOL_ICMP_ANY, Settings, WORKLOAD_FLAG_ACTIVE, WorkloadConfig,
     },
-    socket::{DestinationKey, SOCKET_FLAG_CACHED, SOCKET_FLAG_RESOLVED, SocketState},
+    socket::{
+        DestinationKey, SOCKET_FLAG_CACHED, SOCKET_FLAG_FQDN_ALLOWED, SOCKET_FLAG_RESOLVED,
+        SocketState,
+    },
 };
 
 use crate::maps::{
@@ -171,26 +174,42 @@ pub unsafe fn socket_state(sk: *mut c_void) -> Option<&'static mut SocketState> 
 
 #[inline(always)]
 pub fn cached_verdict(state: &SocketState, flow: &Flow, generation: u32) -> Option<u8> {
-    if state.flags & SOCKET_FLAG_CACHED != 0
-        && state.cached_generation == generation
+    let same_flow = state.flags & SOCKET_FLAG_CACHED != 0
         && state.cached_port == flow.dst_port
         && state.cached_protocol == flow.protocol
-        && state.cached_addr == flow.dst
-    {
+        && state.cached_addr == flow.dst;
+    if !same_flow {
+        None
+    } else if state.cached_generation == generation {
         Some(state.cached_verdict)
+    } else if state.cached_verdict == VERDICT_ALLOW && state.flags & SOCKET_FLAG_FQDN_ALLOWED != 0 {
+        // Allowed through a name: the connection stays up when the address expires or the
+        // policy changes; only new connections are judged again.
+        Some(VERDICT_ALLOW)
     } else {
         None
     }
 }
 
 #[inline(always)]
-pub fn cache_verdict(state: &mut SocketState, flow: &Flow, generation: u32, verdict: u8) {
+pub fn cache_verdict(
+    state: &mut SocketState,
+    flow: &Flow,
+    generation: u32,
+    verdict: u8,
+    reason: u32,
+) {
     state.cached_generation = generation;
     state.cached_addr = flow.dst;
     state.cached_port = flow.dst_port;
     state.cached_protocol = flow.protocol;
     state.cached_verdict = verdict;
     state.flags |= SOCKET_FLAG_CACHED;
+    if verdict == VERDICT_ALLOW && reason == REASON_FQDN {
+        state.flags |= SOCKET_FLAG_FQDN_ALLOWED;
+    } else {
+        state.flags &= !SOCKET_FLAG_FQDN_ALLOWED;
+    }
 }
 
 /// The socket's workload, resolved once per settings generation.
@@ -224,8 +243,9 @@ fn rule_matches(rule_protocol: u8, first: u16, last: u16, flow: &Flow) -> bool {
     protocol_ok && port_ok
 }
 
+/// Some(flags of the matching entry) when a rule allows the flow.
 #[inline(always)]
-fn allow_rule_matches(workload: u32, flow: &Flow) -> bool {
+fn allow_rule_matches(workload: u32, flow: &Flow) -> Option<u32> {
     let key = Key::new(
         ALLOW_KEY_WORKLOAD_BITS + 128,
         AllowKey {
@@ -233,9 +253,17 @@ fn allow_rule_matches(workload: u32, flow: &Flow) -> bool {
             addr: flow.dst,
         },
     );
-    let Some(value) = ALLOW.get(&key) else {
-        return false;
+    let value = match ALLOW.get(&key) {
+        Some(value) if rules_match(value, flow) => return Some(value.flags),
+        _ => crate::dns::FQDN_ADDRESSES.get_ptr(&key.data)?,
     };
+    // SAFETY: map value pointer, read at once.
+    let value = unsafe { &*value };
+    rules_match(value, flow).then_some(value.flags)
+}
+
+#[inline(always)]
+fn rules_match(value: &AllowValue, flow: &Flow) -> bool {
     let mut i = 0;
     while i < MAX_PORT_RULES {
         if i as u32 >= value.count {
@@ -262,10 +290,22 @@ pub fn evaluate(workload: u32, config: &WorkloadConfig, flow: &Flow) -> (u8, u32
     if config.mode == MODE_LEARNING {
         return (VERDICT_ALLOW, REASON_LEARNING);
     }
+    if flow.has_port
+        && flow.dst_port == crate::dns::DNS_PORT
+        && (flow.protocol == IPPROTO_UDP || flow.protocol == IPPROTO_TCP)
+        && crate::dns::is_resolver(&flow.dst)
+    {
+        return (VERDICT_ALLOW, REASON_RESOLVER);
+    }
     let reason = if denied_for_all(flow) {
         REASON_DENY_LIST
-    } else if allow_rule_matches(workload, flow) {
-        return (VERDICT_ALLOW, REASON_ALLOW_RULE);
+    } else if let Some(flags) = allow_rule_matches(workload, flow) {
+        let reason = if flags & ALLOW_FLAG_DYNAMIC != 0 {
+            REASON_FQDN
+        } else {
+            REASON_ALLOW_RULE
+        };
+        return (VERDICT_ALLOW, reason);
     } else {
         REASON_NO_RULE
     };

@@ -20,6 +20,10 @@ pub const REASON_CONTROL: u32 = 5;
 /// Reply on an accepted (inbound) connection.
 pub const REASON_INBOUND: u32 = 6;
 pub const REASON_LEARNING: u32 = 7;
+/// DNS to a resolver of `dns.resolvers`.
+pub const REASON_RESOLVER: u32 = 8;
+/// An address learned from a DNS answer for an allowed name.
+pub const REASON_FQDN: u32 = 9;
 
 pub const HOOK_CONNECT4: u32 = 1;
 pub const HOOK_CONNECT6: u32 = 2;
@@ -69,12 +73,22 @@ pub const COUNTER_CACHE_HITS: u32 = 5;
 pub const COUNTER_STORAGE_FAILURES: u32 = 6;
 pub const COUNTER_DNS_ANSWERS: u32 = 7;
 pub const COUNTER_DNS_DROPS: u32 = 8;
+/// Answers ignored: not from a resolver, or matching no query the socket sent.
+pub const COUNTER_DNS_REJECTED: u32 = 9;
+/// Addresses the kernel allowed straight from an answer.
+pub const COUNTER_FQDN_INSERTS: u32 = 10;
+pub const COUNTER_FQDN_INSERT_FAILURES: u32 = 11;
 pub const COUNTERS_LEN: u32 = 16;
 
 /// DNS payload bytes copied per answer (classic UDP DNS size; larger answers are truncated
 /// here and re-read by userspace where needed).
 pub const DNS_PAYLOAD_MAX: usize = 512;
 pub const DNS_RING_BUFFER_BYTES: u32 = 1 << 20;
+
+/// `DnsAnswer::flags`: the question name matches an FQDN rule of the workload.
+pub const DNS_ANSWER_NAME_ALLOWED: u16 = 1;
+/// `DnsAnswer::flags`: the answer came over TCP (payload starts after the length prefix).
+pub const DNS_ANSWER_TCP: u16 = 1 << 1;
 
 /// A DNS answer (UDP from port 53) received by a socket of a workload, for userspace to parse.
 #[repr(C)]
@@ -93,8 +107,10 @@ pub struct DnsAnswer {
     pub client_addr: Addr,
     pub family: u8,
     pub protocol: u8,
-    pub reserved: u16,
-    pub reserved2: u32,
+    /// `DNS_ANSWER_*`.
+    pub flags: u16,
+    /// Addresses the kernel inserted from this answer.
+    pub inserted: u32,
     pub payload: [u8; DNS_PAYLOAD_MAX],
 }
 const _: () = assert!(core::mem::size_of::<DnsAnswer>() == 72 + DNS_PAYLOAD_MAX);

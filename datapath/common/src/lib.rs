@@ -6,6 +6,7 @@
 //! between kernel and userspace and with pinned state: never renumber, retire instead.
 #![no_std]
 
+pub mod dns;
 pub mod event;
 pub mod policy;
 pub mod socket;

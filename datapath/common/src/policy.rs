@@ -87,9 +87,15 @@ const _: () = assert!(core::mem::size_of::<PortRule>() == 6);
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AllowValue {
     pub count: u32,
+    /// `ALLOW_FLAG_*`.
+    pub flags: u32,
     pub rules: [PortRule; MAX_PORT_RULES],
 }
-const _: () = assert!(core::mem::size_of::<AllowValue>() == 100);
+const _: () = assert!(core::mem::size_of::<AllowValue>() == 104);
+
+/// The entry holds addresses learned from DNS answers (FQDN rules): connections it allowed
+/// stay up after the address expires.
+pub const ALLOW_FLAG_DYNAMIC: u32 = 1;
 
 /// Data part of the deny-trie key: prefix_len = 96 + n for IPv4 /n, n for IPv6 /n.
 #[repr(C)]

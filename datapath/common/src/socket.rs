@@ -10,6 +10,9 @@ pub const SOCKET_FLAG_INBOUND: u32 = 1 << 1;
 pub const SOCKET_FLAG_CACHED: u32 = 1 << 2;
 /// The workload field was resolved (at generation `workload_generation`).
 pub const SOCKET_FLAG_RESOLVED: u32 = 1 << 3;
+/// The cached allow came from an address learned from DNS: the connection stays up when the
+/// address expires or the policy changes.
+pub const SOCKET_FLAG_FQDN_ALLOWED: u32 = 1 << 4;
 
 /// `SOCKET_STATE` value.
 #[repr(C)]

@@ -1,0 +1,530 @@
+//! DNS in the kernel: remembering the queries workloads send to resolvers, and turning the
+//! answers to them into allowed addresses before the answer reaches the socket, so the first
+//! connect after a lookup never races the daemon.
+//!
+//! Only answers from a resolver of `dns.resolvers` that match a query the same socket sent
+//! (transaction id, question name, resolver) count. The daemon parses every such answer fully
+//! and owns expiry; the kernel only ever adds.
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::{BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE},
+    btf_maps::SkStorage,
+    helpers::generated::{bpf_ktime_get_ns, bpf_sk_storage_get, bpf_skb_cgroup_id},
+    macros::{btf_map, map},
+    maps::{HashMap, PerCpuArray},
+    programs::SkBuffContext,
+};
+use egressd_common::{
+    Addr,
+    dns::{
+        FQDN_EXACT, FQDN_WILDCARD, FqdnKey, FqdnValue, MAX_ANSWER_RECORDS, MAX_FQDN_ADDRESSES,
+        MAX_FQDN_ENTRIES, MAX_RESOLVERS, NAME_HASH_START, PENDING_QUERY_SLOTS, PendingQueries,
+        PendingQuery, name_hash_step,
+    },
+    event::{
+        COUNTER_DNS_ANSWERS, COUNTER_DNS_DROPS, COUNTER_DNS_REJECTED, COUNTER_FQDN_INSERT_FAILURES,
+        COUNTER_FQDN_INSERTS, DNS_ANSWER_NAME_ALLOWED, DNS_ANSWER_TCP, DNS_PAYLOAD_MAX, DnsAnswer,
+    },
+    policy::{ALLOW_FLAG_DYNAMIC, AllowKey, AllowValue, MAX_PORT_RULES},
+    v4_mapped,
+};
+
+use crate::maps::DNS_ANSWERS;
+use crate::packet::Parsed;
+use crate::verdict::{IPPROTO_TCP, IPPROTO_UDP, count};
+
+pub const DNS_PORT: u16 = 53;
+const DNS_HEADER_LEN: usize = 12;
+const NAME_BUFFER: usize = 256;
+const MAX_LABELS: u32 = 128;
+const TYPE_A: u16 = 1;
+const TYPE_AAAA: u16 = 28;
+
+/// Names (or wildcard suffixes) each workload may resolve, by hash.
+#[map]
+pub static FQDN: HashMap<FqdnKey, FqdnValue> = HashMap::with_max_entries(MAX_FQDN_ENTRIES, 0);
+
+/// Addresses learned from answers for allowed names: `{workload, address}` → port rules.
+/// Kept apart from the CIDR trie so that learning never rewrites an operator's rules.
+#[map]
+pub static FQDN_ADDRESSES: HashMap<AllowKey, AllowValue> =
+    HashMap::with_max_entries(MAX_FQDN_ADDRESSES, 0);
+
+/// The resolvers whose answers count (`dns.resolvers`).
+#[map]
+pub static RESOLVERS: HashMap<Addr, u32> = HashMap::with_max_entries(MAX_RESOLVERS, 0);
+
+/// Per-socket queries awaiting their answer.
+#[btf_map]
+pub static DNS_QUERIES: SkStorage<PendingQueries> = SkStorage::new();
+
+/// Per-CPU room for a name and the entry being built (the BPF stack is 512 bytes).
+///
+/// Results found inside loops are written here rather than kept in registers: the verifier
+/// then sees one state per iteration instead of one per combination of outcomes.
+#[repr(C)]
+pub struct Scratch {
+    name: [u8; NAME_BUFFER],
+    /// Bit i set: byte i of `name` is a label length.
+    label_starts: [u64; 4],
+    /// The entry being written: the matched name's rules.
+    value: AllowValue,
+    exact_hash: u64,
+    wildcard_hash: u64,
+    found_exact: u32,
+    found_wildcard: u32,
+}
+
+#[map]
+static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+pub fn is_resolver(addr: &Addr) -> bool {
+    RESOLVERS.get_ptr(addr).is_some()
+}
+
+/// Where the DNS message starts in a packet to or from port 53, if it carries one.
+#[inline(always)]
+fn message_offset(parsed: &Parsed) -> Option<usize> {
+    if parsed.payload_offset == 0 {
+        return None;
+    }
+    match parsed.flow.protocol {
+        IPPROTO_UDP => Some(parsed.payload_offset),
+        // DNS over TCP: a two-byte length, then the message (single-segment messages only).
+        IPPROTO_TCP => Some(parsed.payload_offset + 2),
+        _ => None,
+    }
+}
+
+/// The name hash; whether the workload's FQDN entries match it is left in the scratch area.
+struct NameMatch {
+    /// Hash of the whole name.
+    hash: u64,
+    /// Bytes the name takes in wire form (including the final zero).
+    wire_len: usize,
+}
+
+/// Reads the uncompressed name at `offset` and hashes it (backward, see `egressd_common::dns`).
+#[inline(always)]
+fn read_name(ctx: &SkBuffContext, offset: usize, workload: u32) -> Option<NameMatch> {
+    let scratch = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: per-CPU scratch, this program is its only user on this CPU.
+    let scratch = unsafe { &mut *scratch };
+    let available = (ctx.len() as usize).saturating_sub(offset);
+    let wanted = if available > NAME_BUFFER {
+        NAME_BUFFER
+    } else {
+        available
+    };
+    if wanted == 0 {
+        return None;
+    }
+    // A bound the verifier tracks: 1..=256.
+    let wanted = wanted as u32;
+    // SAFETY: reads a local.
+    let wanted = unsafe { core::ptr::read_volatile(&wanted) };
+    let wanted = (wanted.wrapping_sub(1) & (NAME_BUFFER as u32 - 1)) + 1;
+    // SAFETY: the helper writes at most `wanted` <= 256 bytes into the scratch name buffer.
+    let loaded = unsafe {
+        aya_ebpf::helpers::generated::bpf_skb_load_bytes(
+            ctx.skb.skb.cast::<c_void>(),
+            offset as u32,
+            scratch.name.as_mut_ptr().cast::<c_void>(),
+            wanted,
+        )
+    };
+    if loaded != 0 {
+        return None;
+    }
+    let available = wanted as usize;
+
+    // Forward: find the label boundaries and the end.
+    scratch.label_starts = [0; 4];
+    let mut pos: usize = 0;
+    let mut labels = 0;
+    let mut end = None;
+    while labels < MAX_LABELS {
+        if pos >= available {
+            return None;
+        }
+        let len = scratch.name[pos & (NAME_BUFFER - 1)];
+        if len == 0 {
+            end = Some(pos);
+            break;
+        }
+        if len > 63 {
+            // A compression pointer or a reserved label type: not in a question we accept.
+            return None;
+        }
+        scratch.label_starts[(pos >> 6) & 3] |= 1u64 << (pos & 63);
+        pos += usize::from(len) + 1;
+        labels += 1;
+    }
+    let end = end?;
+    if end == 0 {
+        return None;
+    }
+
+    // Backward: the hash of each suffix is ready at the label length before it.
+    scratch.found_exact = 0;
+    scratch.found_wildcard = 0;
+    let mut hash = NAME_HASH_START;
+    let mut i = end;
+    let mut steps = 0;
+    while steps < NAME_BUFFER && i > 0 {
+        i -= 1;
+        steps += 1;
+        let index = i & (NAME_BUFFER - 1);
+        let is_length = scratch.label_starts[(index >> 6) & 3] & (1u64 << (index & 63)) != 0;
+        if !is_length {
+            hash = name_hash_step(hash, scratch.name[index]);
+            continue;
+        }
+        // `hash` now covers the suffix that starts after this length byte.
+        if workload != 0 {
+            let key = FqdnKey {
+                workload,
+                reserved: 0,
+                hash,
+            };
+            if let Some(value) = FQDN.get_ptr(&key) {
+                // SAFETY: map value pointer, read once.
+                let flags = unsafe { (*value).flags };
+                if index == 0 && flags & FQDN_EXACT != 0 {
+                    scratch.found_exact = 1;
+                    scratch.exact_hash = hash;
+                }
+                if index != 0 && flags & FQDN_WILDCARD != 0 {
+                    scratch.found_wildcard = 1;
+                    scratch.wildcard_hash = hash;
+                }
+            }
+        }
+        if index == 0 {
+            return Some(NameMatch {
+                hash,
+                wire_len: end + 1,
+            });
+        }
+        hash = name_hash_step(hash, b'.');
+    }
+    None
+}
+
+/// Header fields we need: id, whether it is a response, question and answer counts.
+#[inline(always)]
+fn header(ctx: &SkBuffContext, offset: usize) -> Option<(u16, bool, u16, u16)> {
+    let header = ctx.load::<[u8; DNS_HEADER_LEN]>(offset).ok()?;
+    let id = u16::from_be_bytes([header[0], header[1]]);
+    let is_response = header[2] & 0x80 != 0;
+    let questions = u16::from_be_bytes([header[4], header[5]]);
+    let answers = u16::from_be_bytes([header[6], header[7]]);
+    Some((id, is_response, questions, answers))
+}
+
+/// Egress: remembers a query a socket sends to a resolver.
+#[inline(always)]
+pub fn record_query(ctx: &SkBuffContext, parsed: &Parsed, sk: *mut c_void) {
+    if parsed.flow.dst_port != DNS_PORT || !is_resolver(&parsed.flow.dst) {
+        return;
+    }
+    let Some(offset) = message_offset(parsed) else {
+        return;
+    };
+    let Some((id, is_response, questions, _)) = header(ctx, offset) else {
+        return;
+    };
+    if is_response || questions != 1 {
+        return;
+    }
+    let Some(name) = read_name(ctx, offset + DNS_HEADER_LEN, 0) else {
+        return;
+    };
+    let map = (&raw const DNS_QUERIES).cast_mut().cast::<c_void>();
+    // SAFETY: our SK_STORAGE map and a full socket from the context.
+    let pending = unsafe {
+        bpf_sk_storage_get(
+            map,
+            sk,
+            core::ptr::null_mut(),
+            u64::from(BPF_SK_STORAGE_GET_F_CREATE),
+        )
+    }
+    .cast::<PendingQueries>();
+    // SAFETY: NULL or a valid value owned by the socket.
+    let Some(pending) = (unsafe { pending.as_mut() }) else {
+        return;
+    };
+    let slot = (pending.next as usize) % PENDING_QUERY_SLOTS;
+    pending.slots[slot] = PendingQuery {
+        name_hash: name.hash,
+        resolver: parsed.flow.dst,
+        id,
+        in_use: 1,
+        reserved: 0,
+        reserved2: 0,
+    };
+    pending.next = pending.next.wrapping_add(1);
+}
+
+/// Consumes the pending query this answer answers; false when there is none.
+#[inline(always)]
+fn take_pending(sk: *mut c_void, id: u16, name_hash: u64, resolver: &Addr) -> bool {
+    let map = (&raw const DNS_QUERIES).cast_mut().cast::<c_void>();
+    // SAFETY: our SK_STORAGE map and a full socket from the context.
+    let pending =
+        unsafe { bpf_sk_storage_get(map, sk, core::ptr::null_mut(), 0) }.cast::<PendingQueries>();
+    // SAFETY: NULL or a valid value owned by the socket.
+    let Some(pending) = (unsafe { pending.as_mut() }) else {
+        return false;
+    };
+    let mut i = 0;
+    while i < PENDING_QUERY_SLOTS {
+        let slot = &mut pending.slots[i];
+        if slot.in_use != 0
+            && slot.id == id
+            && slot.name_hash == name_hash
+            && slot.resolver == *resolver
+        {
+            slot.in_use = 0;
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// Copies the matched name's rules (exact before wildcard) into the scratch area; false when
+/// the name matches no rule of the workload.
+#[inline(always)]
+fn load_matched_rules(workload: u32) -> bool {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: per-CPU scratch, this program is its only user on this CPU.
+    let scratch = unsafe { &mut *scratch };
+    let (hash, exact) = if scratch.found_exact != 0 {
+        (scratch.exact_hash, true)
+    } else if scratch.found_wildcard != 0 {
+        (scratch.wildcard_hash, false)
+    } else {
+        return false;
+    };
+    let key = FqdnKey {
+        workload,
+        reserved: 0,
+        hash,
+    };
+    let Some(entry) = FQDN.get_ptr(&key) else {
+        return false;
+    };
+    // SAFETY: map value pointer, copied at once.
+    let entry = unsafe { &*entry };
+    let value = &mut scratch.value;
+    value.flags = ALLOW_FLAG_DYNAMIC;
+    if exact {
+        value.count = entry.exact_count;
+        value.rules = entry.exact;
+    } else {
+        value.count = entry.wildcard_count;
+        value.rules = entry.wildcard;
+    }
+    true
+}
+
+/// Allows `addr` for `workload` with the rules `load_matched_rules` left in the scratch area.
+/// Another name may already hold the address: its rules stay and these are added (the daemon
+/// rewrites the entry with the exact union right after it parses the answer).
+#[inline(always)]
+fn allow_address(workload: u32, addr: Addr) -> bool {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: per-CPU scratch, this program is its only user on this CPU.
+    let value = unsafe { &(*scratch).value };
+    let key = AllowKey {
+        workload_be: workload.to_be_bytes(),
+        addr,
+    };
+    let Some(existing) = FQDN_ADDRESSES.get_ptr_mut(&key) else {
+        return FQDN_ADDRESSES
+            .insert(&key, value, u64::from(BPF_NOEXIST))
+            .is_ok();
+    };
+    // SAFETY: map value pointer; a racing writer at worst loses an append, which the daemon's
+    // rewrite restores.
+    let existing = unsafe { &mut *existing };
+    if existing.count > 0 && value.count > 0 && existing.rules[0] == value.rules[0] {
+        return true;
+    }
+    let mut i = 0;
+    while i < MAX_PORT_RULES {
+        if i as u32 >= value.count || existing.count as usize >= MAX_PORT_RULES {
+            break;
+        }
+        // SAFETY: reads a field we own; volatile + mask give the verifier a bound.
+        let at =
+            unsafe { core::ptr::read_volatile(&existing.count) } as usize & (MAX_PORT_RULES - 1);
+        existing.rules[at] = value.rules[i];
+        existing.count += 1;
+        i += 1;
+    }
+    true
+}
+
+/// Walks the answer records after the question and allows every A/AAAA address. Owner names
+/// must be compressed (as resolvers send them); anything else stops the walk and is left to
+/// the daemon, which parses the whole answer.
+#[inline(always)]
+fn allow_answers(ctx: &SkBuffContext, mut offset: usize, answers: u16, workload: u32) -> u32 {
+    let mut inserted = 0;
+    let mut record = 0;
+    while record < MAX_ANSWER_RECORDS {
+        if record >= u32::from(answers) {
+            break;
+        }
+        record += 1;
+        let Ok(owner) = ctx.load::<u8>(offset) else {
+            break;
+        };
+        if owner & 0xc0 != 0xc0 {
+            break;
+        }
+        offset += 2;
+        let Ok(fixed) = ctx.load::<[u8; 10]>(offset) else {
+            break;
+        };
+        offset += 10;
+        let kind = u16::from_be_bytes([fixed[0], fixed[1]]);
+        let length = usize::from(u16::from_be_bytes([fixed[8], fixed[9]]));
+        let addr = if kind == TYPE_A && length == 4 {
+            ctx.load::<[u8; 4]>(offset).ok().map(v4_mapped)
+        } else if kind == TYPE_AAAA && length == 16 {
+            ctx.load::<[u8; 16]>(offset).ok()
+        } else {
+            None
+        };
+        if let Some(addr) = addr {
+            if allow_address(workload, addr) {
+                count(COUNTER_FQDN_INSERTS);
+                inserted += 1;
+            } else {
+                count(COUNTER_FQDN_INSERT_FAILURES);
+            }
+        }
+        offset += length;
+    }
+    inserted
+}
+
+/// Ingress: an answer from a resolver to a workload's socket.
+#[inline(always)]
+pub fn handle_answer(ctx: &SkBuffContext, parsed: &Parsed, sk: *mut c_void, workload: u32) {
+    if parsed.flow.src_port != DNS_PORT || !is_resolver(&parsed.flow.src) {
+        return;
+    }
+    let Some(offset) = message_offset(parsed) else {
+        return;
+    };
+    let Some((id, is_response, questions, answers)) = header(ctx, offset) else {
+        return;
+    };
+    if !is_response || questions != 1 {
+        count(COUNTER_DNS_REJECTED);
+        return;
+    }
+    let Some(name) = read_name(ctx, offset + DNS_HEADER_LEN, workload) else {
+        count(COUNTER_DNS_REJECTED);
+        return;
+    };
+    if !take_pending(sk, id, name.hash, &parsed.flow.src) {
+        // Unsolicited or spoofed: it grants nothing and is not passed on.
+        count(COUNTER_DNS_REJECTED);
+        return;
+    }
+    let allowed = load_matched_rules(workload);
+    let inserted = if allowed {
+        // Question: name, type, class.
+        allow_answers(
+            ctx,
+            offset + DNS_HEADER_LEN + name.wire_len + 4,
+            answers,
+            workload,
+        )
+    } else {
+        0
+    };
+    let mut flags = if allowed { DNS_ANSWER_NAME_ALLOWED } else { 0 };
+    if parsed.flow.protocol == IPPROTO_TCP {
+        flags |= DNS_ANSWER_TCP;
+    }
+    forward(ctx, parsed, offset, workload, flags, inserted);
+}
+
+/// Hands the answer to the daemon, which parses it fully and owns expiry.
+#[inline(always)]
+fn forward(
+    ctx: &SkBuffContext,
+    parsed: &Parsed,
+    offset: usize,
+    workload: u32,
+    flags: u16,
+    inserted: u32,
+) {
+    let message_len = (ctx.len() as usize).saturating_sub(offset);
+    let copy_len = if message_len > DNS_PAYLOAD_MAX {
+        DNS_PAYLOAD_MAX
+    } else {
+        message_len
+    };
+    if copy_len == 0 {
+        return;
+    }
+    // A bound the verifier tracks: 1..=512 (the volatile read keeps LLVM from folding it).
+    let copy_len = copy_len as u32;
+    // SAFETY: reads a local.
+    let copy_len = unsafe { core::ptr::read_volatile(&copy_len) };
+    let copy_len = (copy_len.wrapping_sub(1) & (DNS_PAYLOAD_MAX as u32 - 1)) + 1;
+    let Some(mut entry) = DNS_ANSWERS.reserve::<DnsAnswer>(0) else {
+        count(COUNTER_DNS_DROPS);
+        return;
+    };
+    let answer = entry.as_mut_ptr();
+    let skb = ctx.skb.skb;
+    // SAFETY: answer is a reserved, writable DnsAnswer; the helper writes at most
+    // copy_len <= DNS_PAYLOAD_MAX bytes into its payload.
+    let loaded = unsafe {
+        aya_ebpf::helpers::generated::bpf_skb_load_bytes(
+            skb.cast::<c_void>(),
+            offset as u32,
+            (*answer).payload.as_mut_ptr().cast::<c_void>(),
+            copy_len,
+        )
+    };
+    if loaded != 0 {
+        entry.discard(0);
+        count(COUNTER_DNS_DROPS);
+        return;
+    }
+    // SAFETY: plain writes into the reservation.
+    unsafe {
+        (*answer).timestamp_ns = bpf_ktime_get_ns();
+        (*answer).cgroup_id = bpf_skb_cgroup_id(skb);
+        (*answer).workload = workload;
+        (*answer).payload_len = copy_len;
+        (*answer).message_len = message_len as u32;
+        (*answer).server_port = parsed.flow.src_port;
+        (*answer).client_port = parsed.flow.dst_port;
+        (*answer).server_addr = parsed.flow.src;
+        (*answer).client_addr = parsed.flow.dst;
+        (*answer).family = parsed.flow.family;
+        (*answer).protocol = parsed.flow.protocol;
+        (*answer).flags = flags;
+        (*answer).inserted = inserted;
+    }
+    entry.submit(0);
+    count(COUNTER_DNS_ANSWERS);
+}
