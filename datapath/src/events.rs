@@ -34,6 +34,8 @@ pub enum Reason {
     Control,
     Inbound,
     Learning,
+    Resolver,
+    Fqdn,
     Unknown(u32),
 }
 
@@ -47,6 +49,8 @@ impl Reason {
             Reason::Control => "control",
             Reason::Inbound => "inbound",
             Reason::Learning => "learning",
+            Reason::Resolver => "resolver",
+            Reason::Fqdn => "fqdn",
             Reason::Unknown(_) => "unknown",
         }
     }
@@ -169,6 +173,8 @@ pub(crate) fn decode(bytes: &[u8], clock: &Clock) -> Result<Event, DatapathError
         raw::REASON_CONTROL => Reason::Control,
         raw::REASON_INBOUND => Reason::Inbound,
         raw::REASON_LEARNING => Reason::Learning,
+        raw::REASON_RESOLVER => Reason::Resolver,
+        raw::REASON_FQDN => Reason::Fqdn,
         other => Reason::Unknown(other),
     };
     let hook = match event.hook {
@@ -296,6 +302,12 @@ pub struct DnsAnswer {
     /// Length of the message on the wire; `payload` holds at most its first 512 bytes.
     pub message_len: usize,
     pub payload: Vec<u8>,
+    /// The question name matched an FQDN rule of the workload.
+    pub name_allowed: bool,
+    /// Came over TCP.
+    pub tcp: bool,
+    /// Addresses the kernel allowed from it before the socket saw it.
+    pub inserted: u32,
 }
 
 pub(crate) fn decode_dns(bytes: &[u8], clock: &Clock) -> Result<DnsAnswer, DatapathError> {
@@ -320,6 +332,9 @@ pub(crate) fn decode_dns(bytes: &[u8], clock: &Clock) -> Result<DnsAnswer, Datap
         ),
         message_len: answer.message_len as usize,
         payload: answer.payload[..len].to_vec(),
+        name_allowed: answer.flags & raw::DNS_ANSWER_NAME_ALLOWED != 0,
+        tcp: answer.flags & raw::DNS_ANSWER_TCP != 0,
+        inserted: answer.inserted,
     })
 }
 

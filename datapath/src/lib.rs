@@ -17,7 +17,11 @@ use aya::{
         SockOps,
     },
 };
+use egressd_common::dns::{
+    FQDN_EXACT, FQDN_WILDCARD, FqdnKey, FqdnValue, MAX_FQDN_ADDRESSES, MAX_FQDN_ENTRIES, name_hash,
+};
 use egressd_common::policy as policy_limits;
+use egressd_common::policy::{ALLOW_FLAG_DYNAMIC, MAX_PORT_RULES, PortRule};
 use egressd_common::{
     LAYOUT_VERSION, event as counters,
     policy::{
@@ -25,7 +29,7 @@ use egressd_common::{
         NO_WORKLOAD, Settings, WORKLOAD_FLAG_ACTIVE, WORKLOAD_FLAG_RAW_SOCKETS, WorkloadConfig,
     },
 };
-use egressd_policy::Mode;
+use egressd_policy::{Mode, PortRange, Protocol};
 use ipnet::IpNet;
 
 pub use events::{
@@ -147,10 +151,25 @@ pub struct WorkloadSpec {
     pub rules: Vec<CidrRule>,
 }
 
+/// An FQDN rule: the kernel allows the addresses of validated answers for the name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FqdnSpec {
+    pub workload: u32,
+    /// Lowercase, no trailing dot; for a wildcard (`*.example.com`) the suffix (`example.com`).
+    pub name: String,
+    /// Names below `name` match, not `name` itself.
+    pub wildcard: bool,
+    pub ports: Vec<PortRange>,
+    pub protocol: Protocol,
+}
+
 /// Everything the datapath enforces.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DatapathPolicy {
     pub workloads: Vec<WorkloadSpec>,
+    pub fqdn: Vec<FqdnSpec>,
+    /// Resolvers whose answers count; DNS to them on port 53 is allowed.
+    pub resolvers: Vec<std::net::IpAddr>,
     /// Denied for every workload.
     pub deny: Vec<IpNet>,
     /// Workload for processes in no workload, or None to leave them alone.
@@ -179,6 +198,11 @@ pub struct Counters {
     pub storage_failures: u64,
     pub dns_answers: u64,
     pub dns_answer_drops: u64,
+    /// Answers ignored: not from a resolver, or matching no query the socket sent.
+    pub dns_answers_rejected: u64,
+    /// Addresses the kernel allowed straight from answers, and those it could not store.
+    pub fqdn_inserts: u64,
+    pub fqdn_insert_failures: u64,
 }
 
 /// Protocol names of the decision counters, with a protocol number that falls in each slot.
@@ -205,6 +229,9 @@ pub struct Datapath {
     allow: LpmTrie<MapData, AllowKey, AllowValue>,
     deny: LpmTrie<MapData, DenyKey, u32>,
     counters: PerCpuArray<MapData, u64>,
+    fqdn: HashMap<MapData, FqdnKey, FqdnValue>,
+    fqdn_addresses: HashMap<MapData, AllowKey, AllowValue>,
+    resolvers: HashMap<MapData, [u8; 16], u32>,
     decision_counters: PerCpuArray<MapData, u64>,
     events: Option<RingBuf<MapData>>,
     dns_answers: Option<RingBuf<MapData>>,
@@ -214,6 +241,11 @@ pub struct Datapath {
     installed_deny: BTreeSet<Prefix>,
     installed_cgroups: BTreeMap<u64, u32>,
     installed_workloads: BTreeMap<u32, WorkloadConfig>,
+    installed_fqdn: BTreeMap<(u32, u64), FqdnValue>,
+    installed_resolvers: BTreeSet<[u8; 16]>,
+    /// Learned addresses the daemon wrote (the kernel may hold more, briefly, from answers the
+    /// daemon has not read yet).
+    installed_fqdn_addresses: BTreeSet<(u32, [u8; 16])>,
     settings: Settings,
 }
 
@@ -247,6 +279,11 @@ impl Datapath {
         let deny = LpmTrie::try_from(maps.take("DENY")?).map_err(map_err("DENY", "opening"))?;
         let counters = PerCpuArray::try_from(maps.take("COUNTERS")?)
             .map_err(map_err("COUNTERS", "opening"))?;
+        let fqdn = HashMap::try_from(maps.take("FQDN")?).map_err(map_err("FQDN", "opening"))?;
+        let fqdn_addresses = HashMap::try_from(maps.take("FQDN_ADDRESSES")?)
+            .map_err(map_err("FQDN_ADDRESSES", "opening"))?;
+        let resolvers =
+            HashMap::try_from(maps.take("RESOLVERS")?).map_err(map_err("RESOLVERS", "opening"))?;
         let decision_counters = PerCpuArray::try_from(maps.take("DECISION_COUNTERS")?)
             .map_err(map_err("DECISION_COUNTERS", "opening"))?;
         let events =
@@ -281,6 +318,9 @@ impl Datapath {
             allow,
             deny,
             counters,
+            fqdn,
+            fqdn_addresses,
+            resolvers,
             decision_counters,
             events: Some(events),
             dns_answers: Some(dns_answers),
@@ -289,6 +329,9 @@ impl Datapath {
             installed_deny: BTreeSet::new(),
             installed_cgroups: BTreeMap::new(),
             installed_workloads: BTreeMap::new(),
+            installed_fqdn: BTreeMap::new(),
+            installed_resolvers: BTreeSet::new(),
+            installed_fqdn_addresses: BTreeSet::new(),
             settings,
         })
     }
@@ -362,6 +405,12 @@ impl Datapath {
             return Err(DatapathError::WorkloadIdOutOfRange { id });
         }
         let desired_deny: BTreeSet<Prefix> = policy.deny.iter().map(rules::to_prefix).collect();
+        let desired_fqdn = compile_fqdn(&policy.fqdn, &policy.workloads)?;
+        let desired_resolvers: BTreeSet<[u8; 16]> = policy
+            .resolvers
+            .iter()
+            .map(|ip| rules::to_prefix(&IpNet::from(*ip)).0)
+            .collect();
 
         let mut stats = ApplyStats {
             allow_entries: desired_allow.len(),
@@ -394,6 +443,22 @@ impl Datapath {
                 self.installed_deny.insert(*prefix);
             }
         }
+        for (&(workload, hash), value) in &desired_fqdn {
+            if self.installed_fqdn.get(&(workload, hash)) != Some(value) {
+                self.fqdn
+                    .insert(fqdn_key(workload, hash), value, 0)
+                    .map_err(map_err("FQDN", "inserting"))?;
+                self.installed_fqdn.insert((workload, hash), *value);
+            }
+        }
+        for addr in &desired_resolvers {
+            if !self.installed_resolvers.contains(addr) {
+                self.resolvers
+                    .insert(addr, 1, 0)
+                    .map_err(map_err("RESOLVERS", "inserting"))?;
+                self.installed_resolvers.insert(*addr);
+            }
+        }
         self.sync_cgroup_map(&desired_cgroups)?;
 
         let stale_allow: Vec<(u32, Prefix)> = self
@@ -417,6 +482,27 @@ impl Datapath {
             remove_ignoring_absent(self.deny.remove(&rules::deny_key(&prefix)))
                 .map_err(map_err("DENY", "removing"))?;
             self.installed_deny.remove(&prefix);
+        }
+        let stale_fqdn: Vec<(u32, u64)> = self
+            .installed_fqdn
+            .keys()
+            .filter(|key| !desired_fqdn.contains_key(key))
+            .copied()
+            .collect();
+        for (workload, hash) in stale_fqdn {
+            remove_ignoring_absent(self.fqdn.remove(&fqdn_key(workload, hash)))
+                .map_err(map_err("FQDN", "removing"))?;
+            self.installed_fqdn.remove(&(workload, hash));
+        }
+        let stale_resolvers: Vec<[u8; 16]> = self
+            .installed_resolvers
+            .difference(&desired_resolvers)
+            .copied()
+            .collect();
+        for addr in stale_resolvers {
+            remove_ignoring_absent(self.resolvers.remove(&addr))
+                .map_err(map_err("RESOLVERS", "removing"))?;
+            self.installed_resolvers.remove(&addr);
         }
         let stale_workloads: Vec<u32> = self
             .installed_workloads
@@ -485,7 +571,49 @@ impl Datapath {
             storage_failures: total(counters::COUNTER_STORAGE_FAILURES)?,
             dns_answers: total(counters::COUNTER_DNS_ANSWERS)?,
             dns_answer_drops: total(counters::COUNTER_DNS_DROPS)?,
+            dns_answers_rejected: total(counters::COUNTER_DNS_REJECTED)?,
+            fqdn_inserts: total(counters::COUNTER_FQDN_INSERTS)?,
+            fqdn_insert_failures: total(counters::COUNTER_FQDN_INSERT_FAILURES)?,
         })
+    }
+
+    /// Sets (Some) or removes (None) the port rules of an address learned from DNS answers.
+    /// More distinct rules than an entry holds keep the first that fit.
+    pub fn set_fqdn_address(
+        &mut self,
+        workload: u32,
+        addr: std::net::IpAddr,
+        rules: Option<&[(Vec<PortRange>, Protocol)]>,
+    ) -> Result<(), DatapathError> {
+        let bytes = rules::to_prefix(&IpNet::from(addr)).0;
+        let key = AllowKey {
+            workload_be: workload.to_be_bytes(),
+            addr: bytes,
+        };
+        match rules {
+            Some(rules) => {
+                let port_rules: Vec<PortRule> = rules
+                    .iter()
+                    .flat_map(|(ports, protocol)| rules::port_rules_of(ports, *protocol))
+                    .collect();
+                let (count, array) = rules::rule_array_truncated(port_rules);
+                let value = AllowValue {
+                    count,
+                    flags: ALLOW_FLAG_DYNAMIC,
+                    rules: array,
+                };
+                self.fqdn_addresses
+                    .insert(key, value, 0)
+                    .map_err(map_err("FQDN_ADDRESSES", "inserting"))?;
+                self.installed_fqdn_addresses.insert((workload, bytes));
+            }
+            None => {
+                remove_ignoring_absent(self.fqdn_addresses.remove(&key))
+                    .map_err(map_err("FQDN_ADDRESSES", "removing"))?;
+                self.installed_fqdn_addresses.remove(&(workload, bytes));
+            }
+        }
+        Ok(())
     }
 
     /// Decisions of one workload so far, by protocol and verdict.
@@ -531,6 +659,12 @@ impl Datapath {
                 policy_limits::MAX_WORKLOAD_CGROUPS,
             ),
             ("workloads", self.installed_workloads.len(), MAX_WORKLOAD_ID),
+            ("fqdn", self.installed_fqdn.len(), MAX_FQDN_ENTRIES),
+            (
+                "fqdn_addresses",
+                self.installed_fqdn_addresses.len(),
+                MAX_FQDN_ADDRESSES,
+            ),
         ]
     }
 
@@ -567,6 +701,61 @@ impl Datapath {
         self.settings = next;
         Ok(())
     }
+}
+
+fn fqdn_key(workload: u32, hash: u64) -> FqdnKey {
+    FqdnKey {
+        workload,
+        reserved: 0,
+        hash,
+    }
+}
+
+/// FQDN map entries: per workload and name hash, the port rules of exact and wildcard names.
+fn compile_fqdn(
+    specs: &[FqdnSpec],
+    workloads: &[WorkloadSpec],
+) -> Result<BTreeMap<(u32, u64), FqdnValue>, DatapathError> {
+    let mut rules: BTreeMap<(u32, u64), (Vec<PortRule>, Vec<PortRule>, &str)> = BTreeMap::new();
+    for spec in specs {
+        let hash = name_hash(spec.name.as_bytes());
+        let entry = rules
+            .entry((spec.workload, hash))
+            .or_insert_with(|| (Vec::new(), Vec::new(), spec.name.as_str()));
+        let port_rules = rules::port_rules_of(&spec.ports, spec.protocol);
+        if spec.wildcard {
+            entry.1.extend(port_rules);
+        } else {
+            entry.0.extend(port_rules);
+        }
+    }
+    let mut compiled = BTreeMap::new();
+    for ((workload, hash), (exact, wildcard, name)) in rules {
+        let too_many = |count: usize| DatapathError::TooManyPortRules {
+            workload: workloads
+                .iter()
+                .find(|w| w.id == workload)
+                .map_or_else(|| workload.to_string(), |w| w.name.clone()),
+            prefix: name.to_owned(),
+            count,
+            limit: MAX_PORT_RULES,
+        };
+        let mut value = FqdnValue::default();
+        if !exact.is_empty() {
+            let (count, array) = rules::rule_array(exact).map_err(too_many)?;
+            value.flags |= FQDN_EXACT;
+            value.exact_count = count;
+            value.exact = array;
+        }
+        if !wildcard.is_empty() {
+            let (count, array) = rules::rule_array(wildcard).map_err(too_many)?;
+            value.flags |= FQDN_WILDCARD;
+            value.wildcard_count = count;
+            value.wildcard = array;
+        }
+        compiled.insert((workload, hash), value);
+    }
+    Ok(compiled)
 }
 
 fn workload_config(mode: Mode, raw_sockets: bool) -> WorkloadConfig {

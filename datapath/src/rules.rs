@@ -51,16 +51,20 @@ fn covers(outer: &Prefix, inner: &Prefix) -> bool {
 }
 
 fn port_rules(rule: &CidrRule) -> Vec<PortRule> {
-    let protocol = match rule.protocol {
+    port_rules_of(&rule.ports, rule.protocol)
+}
+
+pub(crate) fn port_rules_of(ports: &[PortRange], protocol: Protocol) -> Vec<PortRule> {
+    let protocol = match protocol {
         Protocol::Any => PROTOCOL_ANY,
         Protocol::Tcp => IPPROTO_TCP,
         Protocol::Udp => IPPROTO_UDP,
         Protocol::Icmp => PROTOCOL_ICMP_ANY,
     };
-    let ranges = if rule.ports.is_empty() {
+    let ranges = if ports.is_empty() {
         vec![PortRange::ALL]
     } else {
-        rule.ports.clone()
+        ports.to_vec()
     };
     ranges
         .into_iter()
@@ -74,7 +78,7 @@ fn port_rules(rule: &CidrRule) -> Vec<PortRule> {
 }
 
 /// Sorts, drops rules another rule already covers and joins touching ranges.
-fn merge(mut rules: Vec<PortRule>) -> Vec<PortRule> {
+pub(crate) fn merge(mut rules: Vec<PortRule>) -> Vec<PortRule> {
     let everything = rules
         .iter()
         .any(|r| r.protocol == PROTOCOL_ANY && r.port_first == 0 && r.port_last == u16::MAX);
@@ -262,4 +266,24 @@ mod tests {
             "{text}"
         );
     }
+}
+
+/// Port rules as a fixed-size kernel array, merged; the merged count when they do not fit.
+pub(crate) fn rule_array(rules: Vec<PortRule>) -> Result<(u32, [PortRule; MAX_PORT_RULES]), usize> {
+    let merged = merge(rules);
+    if merged.len() > MAX_PORT_RULES {
+        return Err(merged.len());
+    }
+    let mut array = [PortRule::default(); MAX_PORT_RULES];
+    array[..merged.len()].copy_from_slice(&merged);
+    Ok((merged.len() as u32, array))
+}
+
+/// Like `rule_array`, keeping the first rules that fit.
+pub(crate) fn rule_array_truncated(rules: Vec<PortRule>) -> (u32, [PortRule; MAX_PORT_RULES]) {
+    let mut merged = merge(rules);
+    merged.truncate(MAX_PORT_RULES);
+    let mut array = [PortRule::default(); MAX_PORT_RULES];
+    array[..merged.len()].copy_from_slice(&merged);
+    (merged.len() as u32, array)
 }

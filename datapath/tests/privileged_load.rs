@@ -26,6 +26,14 @@ async fn privileged_programs_load_attach_and_accept_a_policy() {
                 protocol: Protocol::Tcp,
             }],
         }],
+        fqdn: vec![egressd_datapath::FqdnSpec {
+            workload: 1,
+            name: "vendor-cdn.test".into(),
+            wildcard: true,
+            ports: vec![PortRange::single(443)],
+            protocol: Protocol::Tcp,
+        }],
+        resolvers: vec!["127.0.0.53".parse().expect("ip")],
         deny: vec!["169.254.169.254/32".parse().expect("net")],
         unmatched: None,
     };

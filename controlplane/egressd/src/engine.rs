@@ -144,6 +144,8 @@ impl Engine {
         (
             DatapathPolicy {
                 workloads: specs,
+                fqdn: Vec::new(),
+                resolvers: Vec::new(),
                 deny: policy.defaults.deny.clone(),
                 unmatched,
             },
