@@ -234,6 +234,27 @@ impl RingStream {
         Ok(RingStream { ring, clock })
     }
 
+    /// Decodes the records available now (at most `max`) into `out`, without waiting;
+    /// returns how many could not be decoded.
+    fn drain<T>(
+        &mut self,
+        out: &mut Vec<T>,
+        max: usize,
+        decode: fn(&[u8], &Clock) -> Result<T, DatapathError>,
+    ) -> usize {
+        let clock = self.clock;
+        let ring = self.ring.get_mut();
+        let mut undecodable = 0;
+        for _ in 0..max {
+            let Some(item) = ring.next() else { break };
+            match decode(&item, &clock) {
+                Ok(record) => out.push(record),
+                Err(_) => undecodable += 1,
+            }
+        }
+        undecodable
+    }
+
     /// Waits for records and decodes every available one (at most `max`) into `out`.
     /// Returns how many records could not be decoded.
     async fn next_batch<T>(
@@ -299,7 +320,7 @@ pub struct DnsAnswer {
     pub workload: u32,
     pub server: SocketAddr,
     pub client: SocketAddr,
-    /// Length of the message on the wire; `payload` holds at most its first 512 bytes.
+    /// Length of the message on the wire; `payload` holds at most its first `DNS_PAYLOAD_MAX` bytes.
     pub message_len: usize,
     pub payload: Vec<u8>,
     /// The question name matched an FQDN rule of the workload.
@@ -353,6 +374,12 @@ impl DnsAnswerStream {
         max: usize,
     ) -> Result<usize, DatapathError> {
         self.0.next_batch(out, max, decode_dns).await
+    }
+
+    /// Appends the answers available now (at most `max`) without waiting; returns how many
+    /// could not be decoded.
+    pub fn drain(&mut self, out: &mut Vec<DnsAnswer>, max: usize) -> usize {
+        self.0.drain(out, max, decode_dns)
     }
 }
 

@@ -616,6 +616,22 @@ impl Datapath {
         Ok(())
     }
 
+    /// Learned addresses in the kernel that the daemon never adopted (their answer was lost
+    /// or could not be parsed): `(workload, address)`.
+    pub fn unadopted_fqdn_addresses(&self) -> Vec<(u32, std::net::IpAddr)> {
+        self.fqdn_addresses
+            .keys()
+            .filter_map(Result::ok)
+            .filter_map(|key| {
+                let workload = u32::from_be_bytes(key.workload_be);
+                (!self
+                    .installed_fqdn_addresses
+                    .contains(&(workload, key.addr)))
+                .then(|| (workload, canonical_addr(key.addr)))
+            })
+            .collect()
+    }
+
     /// Decisions of one workload so far, by protocol and verdict.
     pub fn decision_counters(&self, workload: u32) -> Result<Vec<DecisionCount>, DatapathError> {
         let mut counts = Vec::new();
@@ -700,6 +716,15 @@ impl Datapath {
             .map_err(map_err("SETTINGS", "writing"))?;
         self.settings = next;
         Ok(())
+    }
+}
+
+/// A 16-byte map address as an `IpAddr` (IPv4-mapped as IPv4).
+fn canonical_addr(addr: [u8; 16]) -> std::net::IpAddr {
+    let v6 = std::net::Ipv6Addr::from(addr);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => std::net::IpAddr::V4(v4),
+        None => std::net::IpAddr::V6(v6),
     }
 }
 

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use egressd_proto::DEFAULT_SOCKET;
 
-use crate::cmd::{check, events, mode, reload, status};
+use crate::cmd::{check, dns, events, mode, reload, status};
 
 /// Control and inspect egressd, the eBPF egress firewall.
 #[derive(Debug, Parser)]
@@ -39,6 +39,8 @@ pub enum Command {
     Check(check::Args),
     /// Show recent connection events, optionally following new ones.
     Events(events::Args),
+    /// Show the names workloads resolved through fqdn rules and their addresses.
+    Dns(dns::Args),
 }
 
 #[cfg(test)]

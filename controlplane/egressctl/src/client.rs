@@ -109,6 +109,7 @@ fn kind(response: &Response) -> &'static str {
         Response::Error { .. } => "error",
         Response::Event(_) => "event",
         Response::EndOfEvents => "end_of_events",
+        Response::Dns(_) => "dns",
     }
 }
 

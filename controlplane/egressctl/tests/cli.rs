@@ -191,6 +191,7 @@ fn event(kind: EventKind, destination: &str) -> EventRecord {
         reason: "no_rule".into(),
         hook: "connect4".into(),
         mode: Mode::Strict,
+        dns_name: None,
     }
 }
 

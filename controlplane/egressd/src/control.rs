@@ -180,6 +180,13 @@ async fn handle(stream: UnixStream, shared: &Shared) -> anyhow::Result<()> {
                 };
                 send(&mut writer, &response).await?;
             }
+            Request::Dns { workload } => {
+                let response = match lock(shared)?.dns_report(workload.as_deref()) {
+                    Ok(report) => Response::Dns(report),
+                    Err(message) => Response::Error { message },
+                };
+                send(&mut writer, &response).await?;
+            }
             Request::Events { follow, limit } => {
                 // Subscribe before reading the backlog so nothing falls in between.
                 let mut live = follow.then(|| shared.events.subscribe());

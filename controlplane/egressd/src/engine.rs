@@ -6,11 +6,17 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::SystemTime;
 
-use egressd_datapath::{CidrRule, Datapath, DatapathPolicy, MAX_WORKLOAD_ID, WorkloadSpec};
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::time::Instant;
+
+use egressd_datapath::{
+    CidrRule, Datapath, DatapathPolicy, DnsAnswer, FqdnSpec, MAX_WORKLOAD_ID, WorkloadSpec,
+};
 use egressd_policy::{Destination, HOST_WORKLOAD, Policy, Unmatched, Workload};
 use egressd_proto::{
-    DatapathStatus, ModeSetting, ModeStatus, PolicyStatus, ReloadFailure, StatusReport,
-    WorkloadStatus,
+    DatapathStatus, DnsAddress, DnsName, DnsReport, DnsStats, ModeSetting, ModeStatus,
+    PolicyStatus, ReloadFailure, StatusReport, WorkloadStatus,
 };
 
 use crate::cgroups;
@@ -46,6 +52,12 @@ pub struct Engine {
     started_at: SystemTime,
     reloads_succeeded: u64,
     reloads_failed: u64,
+    /// Names → addresses learned from DNS answers (FQDN rules).
+    dns: egressd_dns::FqdnTable,
+    resolvers: Vec<IpAddr>,
+    dns_parse_failures: u64,
+    /// Learned addresses in the kernel the daemon did not adopt, at the last check.
+    unadopted: BTreeSet<(u32, IpAddr)>,
 }
 
 impl Engine {
@@ -67,6 +79,10 @@ impl Engine {
             started_at: SystemTime::now(),
             reloads_succeeded: 0,
             reloads_failed: 0,
+            dns: egressd_dns::FqdnTable::new(egressd_dns::TableSettings::default()),
+            resolvers: Vec::new(),
+            dns_parse_failures: 0,
+            unadopted: BTreeSet::new(),
         };
         let policy = engine.policy.clone();
         engine.install(&policy)?;
@@ -144,8 +160,21 @@ impl Engine {
         (
             DatapathPolicy {
                 workloads: specs,
-                fqdn: Vec::new(),
-                resolvers: Vec::new(),
+                fqdn: fqdn_rules(&workloads, ids)
+                    .into_iter()
+                    .map(|rule| FqdnSpec {
+                        workload: rule.workload,
+                        name: if rule.pattern.is_wildcard() {
+                            rule.pattern.suffix().to_owned()
+                        } else {
+                            rule.pattern.name().to_owned()
+                        },
+                        wildcard: rule.pattern.is_wildcard(),
+                        ports: rule.ports,
+                        protocol: rule.protocol,
+                    })
+                    .collect(),
+                resolvers: effective_resolvers(policy),
                 deny: policy.defaults.deny.clone(),
                 unmatched,
             },
@@ -159,6 +188,13 @@ impl Engine {
         let ids = self.assign_ids(&names)?;
         let (compiled, cgroup_paths) = self.compile(policy, &ids);
         let stats = self.datapath.apply(&compiled)?;
+        let workloads_with_ids = Self::effective_workloads(policy);
+        let mut changed = self
+            .dns
+            .set_settings(egressd_dns::TableSettings::from(&policy.dns));
+        changed.extend(self.dns.set_rules(fqdn_rules(&workloads_with_ids, &ids)));
+        self.resolvers = compiled.resolvers.clone();
+        self.refresh_addresses(&changed);
         tracing::info!(
             policy = %policy.source.path.display(),
             sha256 = %policy.source.sha256,
@@ -172,6 +208,134 @@ impl Engine {
         self.ids = ids;
         self.cgroup_paths = cgroup_paths;
         Ok(())
+    }
+
+    /// Rewrites the kernel's entry of each learned address from the table (or removes it).
+    fn refresh_addresses(&mut self, keys: &[(u32, IpAddr)]) {
+        for &(workload, addr) in keys {
+            let rules = self.dns.allowed_for(workload, addr);
+            if let Err(e) = self
+                .datapath
+                .set_fqdn_address(workload, addr, rules.as_deref())
+            {
+                tracing::error!(workload, address = %addr, "updating a learned address: {e}");
+            }
+        }
+    }
+
+    /// A validated DNS answer a workload received: learn from it, and make the kernel's
+    /// entries for its addresses match what the table allows.
+    pub fn observe_answer(&mut self, answer: &DnsAnswer) {
+        let response = match egressd_dns::parse_response(&answer.payload) {
+            Ok(response) => response,
+            Err(e) => {
+                self.dns_parse_failures += 1;
+                tracing::debug!(
+                    workload = answer.workload,
+                    server = %answer.server,
+                    bytes = answer.message_len,
+                    "DNS answer not parsed: {e}"
+                );
+                return;
+            }
+        };
+        let observation = self.dns.observe(answer.workload, &response, Instant::now());
+        let mut keys = observation.changed;
+        if answer.name_allowed {
+            // The kernel allowed every A/AAAA record of the answer section; the table keeps
+            // only those its CNAME chain reaches.
+            for record in &response.answers {
+                let addr = match record.data {
+                    egressd_dns::RecordData::A(v4) => IpAddr::V4(v4),
+                    egressd_dns::RecordData::Aaaa(v6) => {
+                        egressd_policy::canonical_ip(IpAddr::V6(v6))
+                    }
+                    _ => continue,
+                };
+                keys.push((answer.workload, addr));
+            }
+            keys.sort_unstable();
+            keys.dedup();
+        }
+        self.refresh_addresses(&keys);
+        if let Some(name) = observation.allowed_name {
+            tracing::debug!(
+                workload = answer.workload,
+                question = %response.question,
+                rule = %name,
+                addresses = ?observation.addresses,
+                "DNS answer for an allowed name"
+            );
+        }
+    }
+
+    /// Ends the addresses whose time is up, and removes learned addresses the kernel holds
+    /// but the daemon never adopted (their answer was lost) once they have been seen twice.
+    pub fn expire_addresses(&mut self) {
+        let expired = self.dns.expire(Instant::now());
+        self.refresh_addresses(&expired);
+        let unadopted: BTreeSet<(u32, IpAddr)> = self
+            .datapath
+            .unadopted_fqdn_addresses()
+            .into_iter()
+            .collect();
+        let stale: Vec<(u32, IpAddr)> = unadopted.intersection(&self.unadopted).copied().collect();
+        self.refresh_addresses(&stale);
+        self.unadopted = unadopted
+            .difference(&stale.iter().copied().collect())
+            .copied()
+            .collect();
+    }
+
+    /// Names recent answers gave for `addr`, newest first (labels events).
+    pub fn dns_name_for(&self, workload: u32, addr: IpAddr) -> Option<String> {
+        self.dns.names_for(workload, addr).into_iter().next()
+    }
+
+    pub fn dns_report(&self, workload: Option<&str>) -> Result<DnsReport, String> {
+        let id = match workload {
+            Some(name) => Some(
+                *self
+                    .ids
+                    .get(name)
+                    .ok_or_else(|| format!("no workload named {name:?}"))?,
+            ),
+            None => None,
+        };
+        let names = self
+            .dns
+            .entries(id, Instant::now())
+            .into_iter()
+            .map(|entry| DnsName {
+                workload: self.workload_name(entry.workload).unwrap_or_default(),
+                name: entry.name,
+                pattern: entry.pattern,
+                hits: entry.hits,
+                addresses: entry
+                    .addresses
+                    .into_iter()
+                    .map(|(addr, left)| DnsAddress {
+                        address: addr.to_string(),
+                        expires_in_secs: left.as_secs(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        let stats = self.dns.stats();
+        let counters = self.datapath.counters().unwrap_or_default();
+        Ok(DnsReport {
+            names,
+            stats: DnsStats {
+                names: stats.names,
+                addresses: stats.addresses,
+                answers_seen: stats.answers_seen,
+                answers_allowed: stats.answers_allowed,
+                answers_rejected: counters.dns_answers_rejected,
+                kernel_inserts: counters.fqdn_inserts,
+                evicted_names: stats.evicted_names,
+                dropped_addresses: stats.dropped_addresses,
+            },
+        })
     }
 
     /// Loads the policy file again; on any error the running policy stays in force.
@@ -355,6 +519,47 @@ impl Engine {
                 dns_answers: counters.dns_answers,
                 dns_answer_drops: counters.dns_answer_drops,
             },
+        }
+    }
+}
+
+/// The FQDN rules of `workloads`, numbered by `ids`.
+fn fqdn_rules(workloads: &[Workload], ids: &BTreeMap<String, u32>) -> Vec<egressd_dns::FqdnRule> {
+    workloads
+        .iter()
+        .filter_map(|w| Some((*ids.get(&w.name)?, w)))
+        .flat_map(|(id, w)| {
+            w.allow
+                .iter()
+                .filter_map(move |rule| match &rule.destination {
+                    Destination::Fqdn(pattern) => Some(egressd_dns::FqdnRule {
+                        workload: id,
+                        pattern: pattern.clone(),
+                        ports: rule.ports.clone(),
+                        protocol: rule.protocol,
+                    }),
+                    Destination::Cidr(_) => None,
+                })
+        })
+        .collect()
+}
+
+/// `dns.resolvers`, or the nameservers of /etc/resolv.conf when it names none.
+fn effective_resolvers(policy: &Policy) -> Vec<IpAddr> {
+    if !policy.dns.resolvers.is_empty() {
+        return policy.dns.resolvers.clone();
+    }
+    match std::fs::read("/etc/resolv.conf") {
+        Ok(bytes) => match resolv_conf::Config::parse(&bytes) {
+            Ok(config) => config.nameservers.iter().map(IpAddr::from).collect(),
+            Err(e) => {
+                tracing::warn!("/etc/resolv.conf: {e}; no resolvers for fqdn rules");
+                Vec::new()
+            }
+        },
+        Err(e) => {
+            tracing::warn!("reading /etc/resolv.conf: {e}; no resolvers for fqdn rules");
+            Vec::new()
         }
     }
 }

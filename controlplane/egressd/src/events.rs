@@ -34,7 +34,7 @@ fn endpoint(addr: Option<IpAddr>, port: Option<u16>) -> Option<String> {
     })
 }
 
-pub fn record(event: &Event, workload: Option<String>) -> EventRecord {
+pub fn record(event: &Event, workload: Option<String>, dns_name: Option<String>) -> EventRecord {
     EventRecord {
         time: crate::engine::rfc3339(event.time),
         kind: match event.kind {
@@ -60,6 +60,7 @@ pub fn record(event: &Event, workload: Option<String>) -> EventRecord {
         reason: event.reason.as_str().to_owned(),
         hook: event.hook.as_str().to_owned(),
         mode: event.mode,
+        dns_name,
     }
 }
 

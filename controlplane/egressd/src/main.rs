@@ -26,6 +26,8 @@ use crate::events::EventHub;
 /// How often cgroups matching workload patterns are looked for again (new services, pods).
 const CGROUP_RESCAN: Duration = Duration::from_secs(2);
 const EVENT_BATCH: usize = 1024;
+/// How often learned addresses are checked for expiry.
+const DNS_EXPIRY_TICK: Duration = Duration::from_millis(500);
 
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("EGRESSD_LOG")
@@ -112,37 +114,52 @@ async fn run(args: Args, json: bool) -> anyhow::Result<()> {
                 }
             }
             for event in &batch {
-                let name = match reader_shared.engine.lock() {
-                    Ok(engine) => engine.workload_name(event.workload),
-                    Err(_) => None,
+                let (name, dns_name) = match reader_shared.engine.lock() {
+                    Ok(engine) => (
+                        engine.workload_name(event.workload),
+                        event
+                            .destination
+                            .and_then(|addr| engine.dns_name_for(event.workload, addr)),
+                    ),
+                    Err(_) => (None, None),
                 };
-                reader_shared.events.publish(events::record(event, name));
+                reader_shared
+                    .events
+                    .publish(events::record(event, name, dns_name));
             }
         }
     });
 
-    // DNS answers: wired from the kernel now; FQDN rules will be backed by them.
+    // DNS answers: learn the addresses of allowed names; expire them on time.
     let dns_shared = shared.clone();
     tokio::spawn(async move {
         let mut batch = Vec::with_capacity(EVENT_BATCH);
+        let mut expiry = tokio::time::interval(DNS_EXPIRY_TICK);
         loop {
             batch.clear();
-            if let Err(e) = dns_answers.next_batch(&mut batch, EVENT_BATCH).await {
-                tracing::error!("DNS answer ring buffer: {e}");
-                return;
+            tokio::select! {
+                result = dns_answers.next_batch(&mut batch, EVENT_BATCH) => {
+                    if let Err(e) = result {
+                        tracing::error!("DNS answer ring buffer: {e}");
+                        return;
+                    }
+                }
+                _ = expiry.tick() => {
+                    // Answers already in the ring count before anything expires.
+                    dns_answers.drain(&mut batch, usize::MAX);
+                    if let Ok(mut engine) = dns_shared.engine.lock() {
+                        for answer in &batch {
+                            engine.observe_answer(answer);
+                        }
+                        engine.expire_addresses();
+                    }
+                    continue;
+                }
             }
-            for answer in &batch {
-                let workload = match dns_shared.engine.lock() {
-                    Ok(engine) => engine.workload_name(answer.workload),
-                    Err(_) => None,
-                };
-                tracing::debug!(
-                    workload = workload.as_deref().unwrap_or("-"),
-                    server = %answer.server,
-                    client = %answer.client,
-                    bytes = answer.message_len,
-                    "DNS answer"
-                );
+            if let Ok(mut engine) = dns_shared.engine.lock() {
+                for answer in &batch {
+                    engine.observe_answer(answer);
+                }
             }
         }
     });

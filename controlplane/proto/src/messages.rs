@@ -44,6 +44,12 @@ pub enum Request {
         #[serde(default)]
         limit: Option<usize>,
     },
+    /// The names workloads resolved through FQDN rules and their addresses. Answered by
+    /// [`Response::Dns`].
+    Dns {
+        #[serde(default)]
+        workload: Option<String>,
+    },
 }
 
 /// The mode a `set_mode` request asks for.
@@ -132,6 +138,7 @@ pub enum Response {
     Event(EventRecord),
     /// No more events follow (the end of the backlog of a non-follow request).
     EndOfEvents,
+    Dns(DnsReport),
 }
 
 /// What `egressctl status` shows.
@@ -263,6 +270,50 @@ pub struct EventRecord {
     /// `connect4`, `connect6`, `sendmsg4`, `sendmsg6`, `egress` or `sock_create`.
     pub hook: String,
     pub mode: Mode,
+    /// The name a recent DNS answer gave for the destination, when one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_name: Option<String>,
+}
+
+/// Names resolved through FQDN rules (`egressctl dns`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DnsReport {
+    pub names: Vec<DnsName>,
+    pub stats: DnsStats,
+}
+
+/// One allowed name of one workload and the addresses it holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DnsName {
+    pub workload: String,
+    /// The name the workload asked for.
+    pub name: String,
+    /// The rule that allows it (`api.vendor.com` or `*.vendor-cdn.com`).
+    pub pattern: String,
+    /// Answers seen for the name.
+    pub hits: u64,
+    pub addresses: Vec<DnsAddress>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DnsAddress {
+    pub address: String,
+    /// Seconds until the address stops being allowed for new connections.
+    pub expires_in_secs: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DnsStats {
+    pub names: usize,
+    pub addresses: usize,
+    pub answers_seen: u64,
+    pub answers_allowed: u64,
+    /// Answers the kernel ignored: not from a resolver, or matching no query.
+    pub answers_rejected: u64,
+    /// Addresses the kernel allowed straight from answers.
+    pub kernel_inserts: u64,
+    pub evicted_names: u64,
+    pub dropped_addresses: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -312,6 +363,7 @@ pub(crate) mod tests {
             reason: "no_rule".into(),
             hook: "connect4".into(),
             mode: Mode::Strict,
+            dns_name: None,
         }
     }
 

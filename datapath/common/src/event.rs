@@ -80,10 +80,12 @@ pub const COUNTER_FQDN_INSERTS: u32 = 10;
 pub const COUNTER_FQDN_INSERT_FAILURES: u32 = 11;
 pub const COUNTERS_LEN: u32 = 16;
 
-/// DNS payload bytes copied per answer (classic UDP DNS size; larger answers are truncated
-/// here and re-read by userspace where needed).
-pub const DNS_PAYLOAD_MAX: usize = 512;
-pub const DNS_RING_BUFFER_BYTES: u32 = 1 << 20;
+/// DNS payload bytes copied per answer: above the 1232-byte EDNS size resolvers use over UDP.
+/// A larger (TCP) answer arrives cut short; the daemon then cannot adopt what the kernel
+/// allowed from it, and its clean-up of unadopted learned addresses removes them.
+/// A power of two: the kernel bounds the copy length with a mask.
+pub const DNS_PAYLOAD_MAX: usize = 2048;
+pub const DNS_RING_BUFFER_BYTES: u32 = 1 << 22;
 
 /// `DnsAnswer::flags`: the question name matches an FQDN rule of the workload.
 pub const DNS_ANSWER_NAME_ALLOWED: u16 = 1;

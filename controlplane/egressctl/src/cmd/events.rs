@@ -55,7 +55,7 @@ pub fn run(socket: &Path, args: &Args) -> anyhow::Result<ExitCode> {
 }
 
 /// One line per event:
-/// `TIME KIND WORKLOAD PROTO [SOURCE ]-> DEST pid=PID comm=COMM (REASON, HOOK)`.
+/// `TIME KIND WORKLOAD PROTO [SOURCE ]-> DEST [(NAME)] pid=PID comm=COMM (REASON, HOOK)`.
 pub fn format_event(event: &EventRecord) -> String {
     let kind = match event.kind {
         EventKind::NewDestination => "NEW",
@@ -68,8 +68,13 @@ pub fn format_event(event: &EventRecord) -> String {
         .as_deref()
         .map(|source| format!("{source} "))
         .unwrap_or_default();
+    let name = event
+        .dns_name
+        .as_deref()
+        .map(|name| format!(" ({})", clean(name)))
+        .unwrap_or_default();
     format!(
-        "{} {kind} {workload} {} {source}-> {} pid={} comm={} ({}, {})",
+        "{} {kind} {workload} {} {source}-> {}{name} pid={} comm={} ({}, {})",
         event.time,
         event.protocol,
         event.destination,
@@ -102,6 +107,7 @@ mod tests {
             reason: "no_rule".into(),
             hook: "connect4".into(),
             mode: Mode::Strict,
+            dns_name: None,
         }
     }
 

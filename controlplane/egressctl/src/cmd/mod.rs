@@ -1,6 +1,7 @@
 //! One module per subcommand, each with its `Args` and a `run`.
 
 pub mod check;
+pub mod dns;
 pub mod events;
 pub mod mode;
 pub mod reload;
@@ -17,5 +18,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Reload(args) => reload::run(&cli.socket, &args),
         Command::Check(args) => check::run(&args),
         Command::Events(args) => events::run(&cli.socket, &args),
+        Command::Dns(args) => dns::run(&cli.socket, &args),
     }
 }
