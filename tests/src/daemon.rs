@@ -301,6 +301,29 @@ impl Daemon {
         }
     }
 
+    /// `egressctl dns --json`: `{"names":[{"workload","name","pattern","hits",
+    /// "addresses":[{"address","expires_in_secs"}]}],"stats":{..}}`.
+    pub fn dns(&self) -> Value {
+        let stdout = self.ctl_ok(&["dns", "--json"]);
+        serde_json::from_str(&stdout)
+            .unwrap_or_else(|err| panic!("`dns --json` is not JSON ({err}): {stdout}"))
+    }
+
+    /// The names of [`Daemon::dns`] that `workload` resolved, each with its addresses.
+    pub fn dns_names(&self, workload: &str) -> Vec<Value> {
+        let report = self.dns();
+        report["names"]
+            .as_array()
+            .map(|names| {
+                names
+                    .iter()
+                    .filter(|name| name["workload"] == workload)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Replaces the policy file (takes effect on `reload` or SIGHUP).
     pub fn rewrite_policy(&self, policy_toml: &str) {
         fs::write(&self.policy, policy_toml).expect("rewrite policy.toml");

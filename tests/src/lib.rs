@@ -18,12 +18,14 @@
 //! Cleanup is done by Drop guards, so it also happens when an assertion fails:
 //! [`TestCgroup`] kills what is left in it and removes it (children first),
 //! [`Daemon`] stops egressd (SIGTERM, then SIGKILL after a deadline),
-//! [`SysctlGuard`] restores a sysctl, [`RunningProbe`] kills its probe.
+//! [`SysctlGuard`] restores a sysctl, [`RunningProbe`] kills its probe,
+//! [`Dnsmasq`] stops the resolver of an FQDN test.
 //! Traffic only ever goes to 127.0.0.0/8 and ::1.
 
 mod bins;
 mod cgroup;
 mod daemon;
+mod dns;
 mod handoff;
 mod net;
 mod policy;
@@ -33,9 +35,13 @@ mod sysctl;
 pub use bins::{binary, egressctl_bin, egressd_bin, probe_bin, run_bounded};
 pub use cgroup::{TestCgroup, cgroup2_root, require_root};
 pub use daemon::{Daemon, EVENT_TIMEOUT, READY_TIMEOUT};
+pub use dns::{
+    AnswerRecord, DNS_PORT, DNSMASQ, Dnsmasq, DnsmasqBuilder, FakeResolver, ReceivedQuery,
+    answer_addresses, answer_bytes, query_bytes, tcp_exchange, udp_exchange, wire,
+};
 pub use handoff::{connect_fd, receive_fd};
-pub use net::{TcpTarget, UdpTarget, destination};
-pub use policy::{WorkloadSpec, allow, line_of, policy_toml};
+pub use net::{TcpServer, TcpTarget, UdpTarget, destination};
+pub use policy::{DnsSettings, WorkloadSpec, allow, allow_fqdn, line_of, policy_toml};
 pub use probe::{ProbeResult, RunningProbe, run_probe, run_probe_in, spawn_probe_in};
 pub use sysctl::{PING_GROUP_RANGE, SysctlGuard, allow_ping_sockets};
 

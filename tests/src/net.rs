@@ -2,7 +2,12 @@
 //! port 0); the test writes it into the policy. Keep a target alive for the
 //! whole test so nothing else takes its port.
 
-use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread;
+use std::time::Duration;
 
 /// The event form of a destination: `ip:port`, `[v6]:port`.
 pub fn destination(ip: IpAddr, port: u16) -> String {
@@ -79,5 +84,98 @@ impl UdpTarget {
 
     pub fn destination(&self) -> String {
         destination(self.ip, self.port)
+    }
+}
+
+/// A TCP server that accepts every connection and echoes what it reads (one thread per
+/// connection, each ending at EOF or after 60 s idle), stopped when dropped. Unlike
+/// [`TcpTarget`] it never fills its backlog, so thousands of connections may come.
+///
+/// `bind("0.0.0.0")` reaches every address of 127.0.0.0/8 at once (the FQDN tests
+/// resolve names to many of them); the tests still only connect to loopback addresses.
+#[derive(Debug)]
+pub struct TcpServer {
+    pub ip: IpAddr,
+    pub port: u16,
+    stop: Arc<AtomicBool>,
+    accepted: Arc<AtomicUsize>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl TcpServer {
+    pub fn bind(ip: &str) -> TcpServer {
+        let addr: IpAddr = ip
+            .parse()
+            .unwrap_or_else(|err| panic!("bad test address {ip:?}: {err}"));
+        assert!(
+            addr.is_loopback() || addr.is_unspecified(),
+            "{ip}: a test server listens on loopback or on 0.0.0.0/::"
+        );
+        let listener = TcpListener::bind((addr, 0))
+            .unwrap_or_else(|err| panic!("cannot listen on {addr} (tcp): {err}"));
+        let port = listener.local_addr().expect("listener address").port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let thread = {
+            let stop = Arc::clone(&stop);
+            let accepted = Arc::clone(&accepted);
+            thread::spawn(move || {
+                for stream in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let Ok(stream) = stream else { continue };
+                    accepted.fetch_add(1, Ordering::SeqCst);
+                    thread::spawn(move || echo(stream));
+                }
+            })
+        };
+        TcpServer {
+            ip: addr,
+            port,
+            stop,
+            accepted,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn port_str(&self) -> String {
+        self.port.to_string()
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+fn echo(mut stream: TcpStream) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
+    let mut buf = [0u8; 512];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if stream.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for TcpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wakes the accept loop (the test process is in no workload: nothing refuses it).
+        let wake: IpAddr = match self.ip {
+            ip if ip.is_loopback() => ip,
+            IpAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+            IpAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+        };
+        let _ = TcpStream::connect_timeout(&SocketAddr::new(wake, self.port), Duration::from_secs(2));
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }

@@ -57,6 +57,60 @@ pub fn allow(cidr: &str, ports: &[u16], protocol: &str) -> String {
     rule
 }
 
+/// An FQDN allow rule as an inline table (`api.example.test` or `*.cdn.test`); `ports`
+/// empty means every port.
+pub fn allow_fqdn(pattern: &str, ports: &[u16], protocol: &str) -> String {
+    let mut rule = format!("{{ fqdn = {pattern:?}");
+    if !ports.is_empty() {
+        let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+        let _ = write!(rule, ", ports = [{}]", ports.join(", "));
+    }
+    let _ = write!(rule, ", protocol = {protocol:?}, reason = \"e2e test\" }}");
+    rule
+}
+
+/// The `[dns]` section of a test policy; append [`DnsSettings::toml`] to
+/// [`policy_toml`]'s text.
+#[derive(Debug, Clone, Default)]
+pub struct DnsSettings {
+    pub resolvers: Vec<String>,
+    /// TOML values as written (`1`, `"60s"`); `None` leaves egressd's default.
+    pub min_ttl: Option<String>,
+    pub grace: Option<String>,
+    pub max_ips_per_name: Option<u32>,
+}
+
+impl DnsSettings {
+    pub fn resolvers(resolvers: &[&str]) -> DnsSettings {
+        DnsSettings {
+            resolvers: resolvers.iter().map(|r| (*r).to_owned()).collect(),
+            ..DnsSettings::default()
+        }
+    }
+
+    /// `min_ttl = SECS`, `grace = SECS` (plain integers: seconds).
+    pub fn expiry(mut self, min_ttl_secs: u64, grace_secs: u64) -> DnsSettings {
+        self.min_ttl = Some(min_ttl_secs.to_string());
+        self.grace = Some(grace_secs.to_string());
+        self
+    }
+
+    pub fn toml(&self) -> String {
+        let resolvers: Vec<String> = self.resolvers.iter().map(|r| format!("{r:?}")).collect();
+        let mut text = format!("\n[dns]\nresolvers = [{}]\n", resolvers.join(", "));
+        if let Some(min_ttl) = &self.min_ttl {
+            let _ = writeln!(text, "min_ttl = {min_ttl}");
+        }
+        if let Some(grace) = &self.grace {
+            let _ = writeln!(text, "grace = {grace}");
+        }
+        if let Some(max) = self.max_ips_per_name {
+            let _ = writeln!(text, "max_ips_per_name = {max}");
+        }
+        text
+    }
+}
+
 /// A whole policy: top-level `mode`, `defaults.deny`, the workloads (one rule
 /// per line, so error lines are easy to predict).
 pub fn policy_toml(mode: &str, deny: &[&str], workloads: &[WorkloadSpec]) -> String {
@@ -104,6 +158,18 @@ mod tests {
         assert_eq!(
             allow("::1", &[], "icmp"),
             r#"{ cidr = "::1", protocol = "icmp", reason = "e2e test" }"#
+        );
+    }
+
+    #[test]
+    fn fqdn_rules_and_the_dns_section_render() {
+        assert_eq!(
+            allow_fqdn("*.cdn.test", &[443], "tcp"),
+            r#"{ fqdn = "*.cdn.test", ports = [443], protocol = "tcp", reason = "e2e test" }"#
+        );
+        assert_eq!(
+            DnsSettings::resolvers(&["127.0.53.1"]).expiry(1, 0).toml(),
+            "\n[dns]\nresolvers = [\"127.0.53.1\"]\nmin_ttl = 1\ngrace = 0\n"
         );
     }
 

@@ -1,14 +1,17 @@
 //! The harness itself, without a daemon: the probe does what it says in a
 //! plain test cgroup, and the guards clean up.
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use egressd_tests::{
-    TcpTarget, TestCgroup, UdpTarget, allow_ping_sockets, cgroup2_root, probe_bin, require_root,
-    run_probe, run_probe_in, spawn_probe_in,
+    AnswerRecord, DNS_PORT, Dnsmasq, FakeResolver, TcpServer, TcpTarget, TestCgroup, UdpTarget,
+    allow_ping_sockets, answer_addresses, answer_bytes, cgroup2_root, probe_bin, require_root,
+    run_probe, run_probe_in, spawn_probe_in, tcp_exchange, udp_exchange,
 };
+use hickory_proto::rr::RecordType;
 
 #[test]
 fn probe_binary_is_the_one_cargo_built() {
@@ -184,4 +187,81 @@ fn privileged_cgroup_root_is_cgroup2() {
     );
     let own = run_probe(&["raw-create"]);
     own.assert_ok("root may create raw sockets without a daemon");
+}
+
+/// dnsmasq answers what the test chose (A, AAAA, CNAME, TTL, over UDP and TCP), the fake
+/// resolver sees the probe's query, and the probe's DNS actions work: all without a daemon.
+#[test]
+fn privileged_dns_helpers_work_without_a_daemon() {
+    require_root();
+    let cgroup = TestCgroup::new();
+    let server = TcpServer::bind("0.0.0.0");
+    let server6 = TcpServer::bind("::1");
+    let dnsmasq = Dnsmasq::builder("127.0.53.2")
+        .host("api.example.test", "127.0.60.1")
+        .host("target.test", "127.0.60.2")
+        .cname("alias.test", "target.test")
+        .host_record("v6.test", "::1")
+        .hosts((0..100u32).map(|i| (format!("r{i}.race.test"), race_address(i))))
+        .local_ttl(7)
+        .start();
+    let resolver = SocketAddr::new(IpAddr::V4(dnsmasq.addr()), DNS_PORT);
+
+    let answer = udp_exchange(resolver, "api.example.test", RecordType::A, Duration::from_secs(2))
+        .unwrap_or_else(|err| panic!("{err}\n{}", dnsmasq.logs()));
+    assert_eq!(answer_addresses(&answer), vec!["127.0.60.1".parse::<IpAddr>().expect("ip")]);
+    assert_eq!(answer.answers[0].ttl, 7, "--local-ttl sets the TTL: {answer:?}");
+    let alias = tcp_exchange(resolver, "alias.test", RecordType::A)
+        .unwrap_or_else(|err| panic!("{err}\n{}", dnsmasq.logs()));
+    assert_eq!(alias.answers.len(), 2, "CNAME then A: {alias:?}");
+    assert_eq!(answer_addresses(&alias), vec!["127.0.60.2".parse::<IpAddr>().expect("ip")]);
+
+    let port = server.port_str();
+    let resolver_ip = dnsmasq.addr_str();
+    for args in [
+        vec!["resolve-connect", &resolver_ip, "api.example.test", &port],
+        vec!["resolve-connect", &resolver_ip, "alias.test", &port],
+        vec!["resolve-connect", &resolver_ip, "api.example.test", &port, "tcp-dns"],
+    ] {
+        let result = run_probe_in(&cgroup, &args);
+        result.assert_ok("resolve and connect without a daemon");
+    }
+    let v6 = run_probe_in(
+        &cgroup,
+        &["resolve-connect", &resolver_ip, "v6.test", &server6.port_str(), "aaaa"],
+    );
+    v6.assert_ok("AAAA ::1 without a daemon");
+    assert_eq!(v6.report["addresses"], serde_json::json!(["::1"]), "{v6}");
+
+    let race = run_probe_in(&cgroup, &["race", &resolver_ip, "100", &port, "60"]);
+    race.assert_ok("a race of 100 lookups without a daemon");
+    assert_eq!(race.report["connected"], 100, "{race}");
+
+    // The fake resolver sees the query and its answer reaches the probe.
+    let fake = FakeResolver::bind("127.0.53.3");
+    let probe = spawn_probe_in(&cgroup, &["dns-query", "127.0.53.3", "x.test", "2000"]);
+    let query = fake.recv_query(Duration::from_secs(5));
+    assert_eq!(query.name, "x.test");
+    fake.send(
+        &answer_bytes(
+            query.id,
+            "x.test",
+            RecordType::A,
+            &[AnswerRecord::address("x.test", 5, "127.0.60.9")],
+        ),
+        query.from,
+    );
+    let result = probe.wait(Duration::from_secs(10));
+    assert_eq!(result.report["id"], query.id, "{result}");
+    assert_eq!(result.report["local_port"], query.from.port(), "{result}");
+    assert_eq!(
+        result.report["received"][0]["addresses"],
+        serde_json::json!(["127.0.60.9"]),
+        "{result}"
+    );
+}
+
+/// `r<i>.race.test` → `127.10.<i/256>.<i%256>`.
+fn race_address(i: u32) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 10, (i / 256) as u8, (i % 256) as u8))
 }

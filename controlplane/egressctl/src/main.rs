@@ -5,17 +5,13 @@
 //! 1 failure (daemon error, invalid policy, no daemon), 2 usage error.
 #![forbid(unsafe_code)]
 
-mod cli;
-mod client;
-mod cmd;
-mod text;
-
 use std::io;
 use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::cli::Cli;
+use egressctl::cli::Cli;
+use egressctl::cmd;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

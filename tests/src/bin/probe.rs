@@ -16,6 +16,10 @@
 //! egressd-probe fork-connect ADDR PORT PROCS   # socket, fork, child moves to PROCS, connects
 //! egressd-probe pass-socket UNIX_PATH          # TCP socket sent with SCM_RIGHTS to UNIX_PATH
 //! egressd-probe sleep SECS
+//! egressd-probe resolve-connect RESOLVER NAME PORT [aaaa] [tcp-dns]   # DNS actions: see dns.rs
+//! egressd-probe race RESOLVER COUNT PORT LIMIT_SECS
+//! egressd-probe connect-hold ADDR PORT GO_FILE
+//! egressd-probe dns-query RESOLVER NAME WAIT_MS [aaaa]
 //! ```
 
 use std::fs;
@@ -37,6 +41,10 @@ use nix::sys::wait::waitpid;
 use nix::unistd::{ForkResult, fork, pipe};
 use serde_json::{Value, json};
 
+// Beside this crate root in its own folder, so cargo does not take it for a binary.
+#[path = "probe/dns.rs"]
+mod dns;
+
 /// Bound on every blocking step (connect, send, waiting for a peer).
 const STEP_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long `pass-socket` waits for the receiver to close the connection.
@@ -50,7 +58,9 @@ const ECHO_PAYLOAD: &[u8] = b"egressd-probe";
 
 const USAGE: &str = "usage: egressd-probe <tcp-connect ADDR PORT | udp-connect-send ADDR PORT | \
 udp-sendto ADDR PORT | icmp-raw ADDR | icmp-ping ADDR | raw-create | \
-fork-connect ADDR PORT CGROUP_PROCS_FILE | pass-socket UNIX_PATH | sleep SECS>";
+fork-connect ADDR PORT CGROUP_PROCS_FILE | pass-socket UNIX_PATH | sleep SECS | \
+resolve-connect RESOLVER NAME PORT [aaaa] [tcp-dns] | race RESOLVER COUNT PORT LIMIT_SECS | \
+connect-hold ADDR PORT GO_FILE | dns-query RESOLVER NAME WAIT_MS [aaaa]>";
 
 #[derive(Debug)]
 enum Action {
@@ -66,6 +76,8 @@ enum Action {
     /// Connects a UDP socket and sends once (must succeed), waits until GO_FILE exists, then
     /// sends again with plain send(): the result reported is the second send's.
     UdpResendAfter(SocketAddr, PathBuf),
+    /// An action of the FQDN tests (`dns.rs`), which reports its own JSON.
+    Dns(dns::Action),
 }
 
 /// Why the action failed: the step, the errno (0 when there is none) and a text.
@@ -132,6 +144,7 @@ fn main() -> ExitCode {
     let line = match action {
         Action::ForkConnect(addr, procs) => fork_connect(addr, &procs),
         Action::IcmpPing(ip) => icmp_ping(ip),
+        Action::Dns(action) => dns::run(action),
         action => report(run(action)),
     };
     println!("{line}");
@@ -140,6 +153,9 @@ fn main() -> ExitCode {
 
 fn parse(args: &[String]) -> Result<Action, String> {
     let words: Vec<&str> = args.iter().map(String::as_str).collect();
+    if let Some(action) = dns::parse(&words) {
+        return action.map(Action::Dns);
+    }
     match words.as_slice() {
         ["tcp-connect", addr, port] => Ok(Action::TcpConnect(socket_addr(addr, port)?)),
         ["udp-connect-send", addr, port] => Ok(Action::UdpConnectSend(socket_addr(addr, port)?)),
@@ -223,7 +239,9 @@ fn run(action: Action) -> Outcome {
             std::thread::sleep(Duration::from_secs(secs));
             Ok(())
         }
-        Action::ForkConnect(..) => Err(Failure::other("internal", "handled in main")),
+        Action::ForkConnect(..) | Action::Dns(..) => {
+            Err(Failure::other("internal", "handled in main"))
+        }
         Action::UdpResendAfter(addr, go_file) => {
             let socket = udp_socket(addr)?;
             socket

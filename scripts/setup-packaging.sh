@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Installs what `cargo xtask dist` and tests/packaging.sh need, on top of
+# scripts/setup-toolchain.sh: cargo-deb and cargo-generate-rpm (the package
+# builders), Debian's rpm (to inspect and install the .rpm in a scratch root),
+# man-db (to render the man pages) and systemd (systemd-analyze verify).
+# Idempotent: every step checks first, so a second run takes a second.
+set -euo pipefail
+
+CARGO_DEB_VERSION="${EGRESSD_CARGO_DEB_VERSION:-}"
+CARGO_GENERATE_RPM_VERSION="${EGRESSD_CARGO_GENERATE_RPM_VERSION:-}"
+APT_PACKAGES=(rpm man-db systemd dpkg-dev)
+
+log() { printf 'setup-packaging: %s\n' "$*" >&2; }
+
+if [ "$(id -u)" -ne 0 ]; then
+  log "must run as root (installs Debian packages)"; exit 1
+fi
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  log "installing Debian packages: ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# cargo install --list prints "name vX.Y.Z:" for every installed crate.
+installed() { cargo install --list 2>/dev/null | grep -q "^$1 v"; }
+
+install_crate() {
+  local name=$1 version=$2
+  if installed "$name" && { [ -z "$version" ] || cargo install --list | grep -q "^$name v$version:"; }; then
+    return
+  fi
+  log "installing $name${version:+ $version} (once)"
+  if [ -n "$version" ]; then
+    cargo install --locked "$name" --version "$version"
+  else
+    cargo install --locked "$name"
+  fi
+}
+
+install_crate cargo-deb "$CARGO_DEB_VERSION"
+install_crate cargo-generate-rpm "$CARGO_GENERATE_RPM_VERSION"
+
+log "packaging tools ready ($(cargo deb --version 2>/dev/null | head -1), $(cargo generate-rpm --version 2>/dev/null | head -1), $(rpm --version))"
