@@ -463,6 +463,8 @@ impl Engine {
             policy_sha256: self.policy.source.sha256.clone(),
             reloads_succeeded: self.reloads_succeeded,
             reloads_failed: self.reloads_failed,
+            dns: self.dns.stats(),
+            dns_parse_failures: self.dns_parse_failures,
         }
     }
 

@@ -24,6 +24,8 @@ pub struct Snapshot {
     pub policy_sha256: String,
     pub reloads_succeeded: u64,
     pub reloads_failed: u64,
+    pub dns: egressd_dns::TableStats,
+    pub dns_parse_failures: u64,
 }
 
 #[derive(Debug)]
@@ -151,6 +153,60 @@ impl Collector for Snapshot {
             "egressd_dns_answer_drops",
             "DNS answers lost because the daemon fell behind",
             &plain(c.dns_answer_drops),
+        )?;
+        counter(
+            &mut encoder,
+            "egressd_dns_answers_rejected",
+            "DNS answers the kernel ignored: not from a resolver, or matching no query the socket sent",
+            &plain(c.dns_answers_rejected),
+        )?;
+        counter(
+            &mut encoder,
+            "egressd_dns_answers_unparsed",
+            "DNS answers the daemon could not parse",
+            &plain(self.dns_parse_failures),
+        )?;
+        counter(
+            &mut encoder,
+            "egressd_fqdn_addresses_inserted",
+            "Addresses the kernel allowed straight from DNS answers",
+            &plain(c.fqdn_inserts),
+        )?;
+        counter(
+            &mut encoder,
+            "egressd_fqdn_address_insert_failures",
+            "Addresses from DNS answers the kernel could not store (map full)",
+            &plain(c.fqdn_insert_failures),
+        )?;
+        counter(
+            &mut encoder,
+            "egressd_fqdn_names_evicted",
+            "Allowed names dropped by the LRU bound",
+            &plain(self.dns.evicted_names),
+        )?;
+        counter(
+            &mut encoder,
+            "egressd_fqdn_addresses_dropped",
+            "Addresses dropped because a name held more than dns.max_ips_per_name",
+            &plain(self.dns.dropped_addresses),
+        )?;
+        gauge(
+            &mut encoder,
+            "egressd_fqdn_names",
+            "Allowed names with live addresses",
+            &[(
+                Labels::new(),
+                i64::try_from(self.dns.names).unwrap_or(i64::MAX),
+            )],
+        )?;
+        gauge(
+            &mut encoder,
+            "egressd_fqdn_addresses",
+            "Addresses allowed through names",
+            &[(
+                Labels::new(),
+                i64::try_from(self.dns.addresses).unwrap_or(i64::MAX),
+            )],
         )?;
         counter(
             &mut encoder,
@@ -292,6 +348,7 @@ mod tests {
             policy_sha256: "abc".into(),
             reloads_succeeded: 1,
             reloads_failed: 0,
+            ..Default::default()
         };
         let text = render(snapshot).expect("renders");
         for expected in [
