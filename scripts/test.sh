@@ -24,3 +24,6 @@ cargo test --locked --workspace --exclude egressd-tests --exclude egressd-ebpf
 
 echo "== end-to-end tests (real kernel, real cgroups; serial: each daemon attaches at the cgroup root)"
 cargo test --locked -p egressd-tests -- --test-threads=1
+
+echo "== packages (.deb installed on this machine and removed again, .rpm into a scratch root)"
+bash tests/packaging.sh

@@ -741,7 +741,9 @@ fn compile_fqdn(
     specs: &[FqdnSpec],
     workloads: &[WorkloadSpec],
 ) -> Result<BTreeMap<(u32, u64), FqdnValue>, DatapathError> {
-    let mut rules: BTreeMap<(u32, u64), (Vec<PortRule>, Vec<PortRule>, &str)> = BTreeMap::new();
+    /// Per (workload, name hash): exact rules, wildcard rules, and a name for messages.
+    type Rules<'a> = BTreeMap<(u32, u64), (Vec<PortRule>, Vec<PortRule>, &'a str)>;
+    let mut rules: Rules = BTreeMap::new();
     for spec in specs {
         let hash = name_hash(spec.name.as_bytes());
         let entry = rules

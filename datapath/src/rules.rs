@@ -177,6 +177,26 @@ pub(crate) fn describe_prefix(prefix: &Prefix) -> String {
     }
 }
 
+/// Port rules as a fixed-size kernel array, merged; the merged count when they do not fit.
+pub(crate) fn rule_array(rules: Vec<PortRule>) -> Result<(u32, [PortRule; MAX_PORT_RULES]), usize> {
+    let merged = merge(rules);
+    if merged.len() > MAX_PORT_RULES {
+        return Err(merged.len());
+    }
+    let mut array = [PortRule::default(); MAX_PORT_RULES];
+    array[..merged.len()].copy_from_slice(&merged);
+    Ok((merged.len() as u32, array))
+}
+
+/// Like `rule_array`, keeping the first rules that fit.
+pub(crate) fn rule_array_truncated(rules: Vec<PortRule>) -> (u32, [PortRule; MAX_PORT_RULES]) {
+    let mut merged = merge(rules);
+    merged.truncate(MAX_PORT_RULES);
+    let mut array = [PortRule::default(); MAX_PORT_RULES];
+    array[..merged.len()].copy_from_slice(&merged);
+    (merged.len() as u32, array)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -266,24 +286,4 @@ mod tests {
             "{text}"
         );
     }
-}
-
-/// Port rules as a fixed-size kernel array, merged; the merged count when they do not fit.
-pub(crate) fn rule_array(rules: Vec<PortRule>) -> Result<(u32, [PortRule; MAX_PORT_RULES]), usize> {
-    let merged = merge(rules);
-    if merged.len() > MAX_PORT_RULES {
-        return Err(merged.len());
-    }
-    let mut array = [PortRule::default(); MAX_PORT_RULES];
-    array[..merged.len()].copy_from_slice(&merged);
-    Ok((merged.len() as u32, array))
-}
-
-/// Like `rule_array`, keeping the first rules that fit.
-pub(crate) fn rule_array_truncated(rules: Vec<PortRule>) -> (u32, [PortRule; MAX_PORT_RULES]) {
-    let mut merged = merge(rules);
-    merged.truncate(MAX_PORT_RULES);
-    let mut array = [PortRule::default(); MAX_PORT_RULES];
-    array[..merged.len()].copy_from_slice(&merged);
-    (merged.len() as u32, array)
 }

@@ -190,7 +190,7 @@ fn read_name(ctx: &SkBuffContext, offset: usize, workload: u32) -> Option<NameMa
                 reserved: 0,
                 hash,
             };
-            if let Some(value) = FQDN.get_ptr(&key) {
+            if let Some(value) = FQDN.get_ptr(key) {
                 // SAFETY: map value pointer, read once.
                 let flags = unsafe { (*value).flags };
                 if index == 0 && flags & FQDN_EXACT != 0 {
@@ -318,7 +318,7 @@ fn load_matched_rules(workload: u32) -> bool {
         reserved: 0,
         hash,
     };
-    let Some(entry) = FQDN.get_ptr(&key) else {
+    let Some(entry) = FQDN.get_ptr(key) else {
         return false;
     };
     // SAFETY: map value pointer, copied at once.
@@ -349,9 +349,9 @@ fn allow_address(workload: u32, addr: Addr) -> bool {
         workload_be: workload.to_be_bytes(),
         addr,
     };
-    let Some(existing) = FQDN_ADDRESSES.get_ptr_mut(&key) else {
+    let Some(existing) = FQDN_ADDRESSES.get_ptr_mut(key) else {
         return FQDN_ADDRESSES
-            .insert(&key, value, u64::from(BPF_NOEXIST))
+            .insert(key, value, u64::from(BPF_NOEXIST))
             .is_ok();
     };
     // SAFETY: map value pointer; a racing writer at worst loses an append, which the daemon's

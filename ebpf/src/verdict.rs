@@ -255,7 +255,7 @@ fn allow_rule_matches(workload: u32, flow: &Flow) -> Option<u32> {
     );
     let value = match ALLOW.get(&key) {
         Some(value) if rules_match(value, flow) => return Some(value.flags),
-        _ => crate::dns::FQDN_ADDRESSES.get_ptr(&key.data)?,
+        _ => crate::dns::FQDN_ADDRESSES.get_ptr(key.data)?,
     };
     // SAFETY: map value pointer, read at once.
     let value = unsafe { &*value };
