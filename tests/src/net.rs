@@ -173,7 +173,8 @@ impl Drop for TcpServer {
             IpAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
             IpAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
         };
-        let _ = TcpStream::connect_timeout(&SocketAddr::new(wake, self.port), Duration::from_secs(2));
+        let _ =
+            TcpStream::connect_timeout(&SocketAddr::new(wake, self.port), Duration::from_secs(2));
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }

@@ -12,9 +12,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use egressd_tests::{
-    AnswerRecord, DNS_PORT, Daemon, DnsSettings, Dnsmasq, EVENT_TIMEOUT, FakeResolver,
-    ProbeResult, ReceivedQuery, TcpServer, TestCgroup, WorkloadSpec, allow_fqdn, answer_bytes,
-    destination, policy_toml, run_probe_in, spawn_probe_in, wire,
+    AnswerRecord, DNS_PORT, Daemon, DnsSettings, Dnsmasq, EVENT_TIMEOUT, FakeResolver, ProbeResult,
+    ReceivedQuery, TcpServer, TestCgroup, WorkloadSpec, allow_fqdn, answer_bytes, destination,
+    policy_toml, run_probe_in, spawn_probe_in, wire,
 };
 use hickory_proto::rr::RecordType;
 use serde_json::{Value, json};
@@ -82,7 +82,10 @@ fn listed(daemon: &Daemon) -> Vec<(String, Vec<String>)> {
                         .collect()
                 })
                 .unwrap_or_default();
-            (name["name"].as_str().unwrap_or_default().to_owned(), addresses)
+            (
+                name["name"].as_str().unwrap_or_default().to_owned(),
+                addresses,
+            )
         })
         .collect()
 }
@@ -149,7 +152,10 @@ fn privileged_fqdn_exact_and_wildcard_names_are_allowed_on_their_ports() {
     let exact = resolve_connect(&cgroup, &resolver, "api.example.test", port);
     exact.assert_ok("the exact name on its port, right after the lookup");
     assert_answered(&exact, &["127.0.61.1"]);
-    for (name, addr) in [("img.cdn.test", "127.0.61.2"), ("a.b.cdn.test", "127.0.61.3")] {
+    for (name, addr) in [
+        ("img.cdn.test", "127.0.61.2"),
+        ("a.b.cdn.test", "127.0.61.3"),
+    ] {
         let result = resolve_connect(&cgroup, &resolver, name, port);
         result.assert_ok(&format!("{name}: below the wildcard *.cdn.test"));
         assert_answered(&result, &[addr]);
@@ -173,7 +179,10 @@ fn privileged_fqdn_exact_and_wildcard_names_are_allowed_on_their_ports() {
         .assert_eperm("another workload that never resolved the name");
 
     // DNS to an address that is not a resolver is judged like any destination.
-    let stray = run_probe_in(&cgroup, &["dns-query", "127.0.53.99", "api.example.test", "100"]);
+    let stray = run_probe_in(
+        &cgroup,
+        &["dns-query", "127.0.53.99", "api.example.test", "100"],
+    );
     stray.assert_eperm("a DNS query to an address that is not a configured resolver");
 }
 
@@ -207,7 +216,13 @@ fn privileged_fqdn_connect_right_after_the_answer_never_races_10000_lookups() {
     let started = Instant::now();
     let result = spawn_probe_in(
         &cgroup,
-        &["race", &resolver, &COUNT.to_string(), &server.port_str(), "300"],
+        &[
+            "race",
+            &resolver,
+            &COUNT.to_string(),
+            &server.port_str(),
+            "300",
+        ],
     )
     .wait(Duration::from_secs(330));
     let elapsed = started.elapsed();
@@ -222,7 +237,8 @@ fn privileged_fqdn_connect_right_after_the_answer_never_races_10000_lookups() {
         server.accepted()
     );
     assert_eq!(
-        result.report["eperm"], 0,
+        result.report["eperm"],
+        0,
         "connects refused right after their lookup: {result}\n{}",
         daemon.logs()
     );
@@ -293,8 +309,7 @@ fn privileged_fqdn_addresses_expire_but_established_connections_stay() {
     held.assert_ok("the connection established before expiry still carries data");
 
     // A new lookup allows the address again.
-    resolve_connect(&cgroup, &resolver, "ttl.test", port)
-        .assert_ok("ttl.test after a new lookup");
+    resolve_connect(&cgroup, &resolver, "ttl.test", port).assert_ok("ttl.test after a new lookup");
 }
 
 /// The probe queries a fake resolver the test plays; the test learns the socket and id
@@ -341,12 +356,18 @@ fn privileged_fqdn_spoofed_and_unsolicited_answers_grant_nothing() {
     // From port 53 of an address that is not a resolver, with the right id.
     let spoofed = forged_exchange(&cgroup, &asked, "api.example.test", |query| {
         spoofer
-            .send_to(&answer(query.id, "api.example.test", "127.0.63.1"), query.from)
+            .send_to(
+                &answer(query.id, "api.example.test", "127.0.63.1"),
+                query.from,
+            )
             .expect("send the spoofed answer");
     });
     // From a configured resolver the socket never asked.
     let unasked = forged_exchange(&cgroup, &asked, "api.example.test", |query| {
-        other_resolver.send(&answer(query.id, "api.example.test", "127.0.63.2"), query.from);
+        other_resolver.send(
+            &answer(query.id, "api.example.test", "127.0.63.2"),
+            query.from,
+        );
     });
     // From the resolver asked, with another id.
     let wrong_id = forged_exchange(&cgroup, &asked, "api.example.test", |query| {
@@ -357,12 +378,21 @@ fn privileged_fqdn_spoofed_and_unsolicited_answers_grant_nothing() {
     });
     // From the resolver asked, with the right id, for a question that was not asked.
     let other_question = forged_exchange(&cgroup, &asked, "other.test", |query| {
-        asked.send(&answer(query.id, "api.example.test", "127.0.63.4"), query.from);
+        asked.send(
+            &answer(query.id, "api.example.test", "127.0.63.4"),
+            query.from,
+        );
     });
     // The real answer, then a replay of the same id naming another address.
     let genuine = forged_exchange(&cgroup, &asked, "api.example.test", |query| {
-        asked.send(&answer(query.id, "api.example.test", "127.0.63.5"), query.from);
-        asked.send(&answer(query.id, "api.example.test", "127.0.63.6"), query.from);
+        asked.send(
+            &answer(query.id, "api.example.test", "127.0.63.5"),
+            query.from,
+        );
+        asked.send(
+            &answer(query.id, "api.example.test", "127.0.63.6"),
+            query.from,
+        );
     });
     eprintln!(
         "what the probe received:\nspoofed {spoofed}\nunasked {unasked}\nwrong id {wrong_id}\nother question {other_question}\ngenuine + replay {genuine}"
@@ -371,8 +401,14 @@ fn privileged_fqdn_spoofed_and_unsolicited_answers_grant_nothing() {
     connect(&cgroup, "127.0.63.5", port)
         .assert_ok("the answer of the resolver asked, with the right id and question");
     for (addr, what) in [
-        ("127.0.63.1", "an answer from a non-resolver (127.0.0.99:53)"),
-        ("127.0.63.2", "an answer from a resolver the socket did not ask"),
+        (
+            "127.0.63.1",
+            "an answer from a non-resolver (127.0.0.99:53)",
+        ),
+        (
+            "127.0.63.2",
+            "an answer from a resolver the socket did not ask",
+        ),
         ("127.0.63.3", "an answer with another id"),
         ("127.0.63.4", "an answer to a question that was not asked"),
         ("127.0.63.6", "a second answer to a query already answered"),
@@ -386,9 +422,9 @@ fn privileged_fqdn_spoofed_and_unsolicited_answers_grant_nothing() {
         );
     }
     let names = wait_for_names(&daemon, "api.example.test → 127.0.63.5", |names| {
-        names
-            .iter()
-            .any(|(name, addresses)| name == "api.example.test" && addresses.iter().any(|a| a == "127.0.63.5"))
+        names.iter().any(|(name, addresses)| {
+            name == "api.example.test" && addresses.iter().any(|a| a == "127.0.63.5")
+        })
     });
     for (name, addresses) in &names {
         assert_eq!(
@@ -484,7 +520,13 @@ fn privileged_fqdn_aaaa_answers() {
     connect(&cgroup, "::1", port).assert_eperm("::1 before any lookup");
     let result = run_probe_in(
         &cgroup,
-        &["resolve-connect", &resolver, "v6.test", &port.to_string(), "aaaa"],
+        &[
+            "resolve-connect",
+            &resolver,
+            "v6.test",
+            &port.to_string(),
+            "aaaa",
+        ],
     );
     result.assert_ok("v6.test AAAA ::1, right after the lookup");
     assert_answered(&result, &["::1"]);
@@ -513,7 +555,13 @@ fn privileged_fqdn_dns_over_tcp() {
     connect(&cgroup, "127.0.65.1", port).assert_eperm("before any lookup");
     let result = run_probe_in(
         &cgroup,
-        &["resolve-connect", &resolver, "tcp.test", &port.to_string(), "tcp-dns"],
+        &[
+            "resolve-connect",
+            &resolver,
+            "tcp.test",
+            &port.to_string(),
+            "tcp-dns",
+        ],
     );
     result.assert_ok("a lookup over TCP, then connect at once");
     assert_answered(&result, &["127.0.65.1"]);
@@ -577,7 +625,7 @@ fn refused_messages(query: &ReceivedQuery, index: usize) -> (String, Vec<u8>) {
             "an A record whose length runs past the end"
         }
         6 => {
-            // chain.test CNAME loop: q → x → q, no address.
+            // A CNAME loop: the question → x.<question> → the question, no address.
             message = wire::header(id, wire::RESPONSE, 1, 2);
             message.extend(wire::question(qname, wire::TYPE_A));
             let x = message.len() + 2 + 10;
@@ -627,7 +675,10 @@ fn unparsable_messages(query: &ReceivedQuery, index: usize) -> (String, Vec<u8>,
             message[7] = 5;
             message.extend_from_slice(&wire::pointer(12));
             message.extend(wire::record_tail(wire::TYPE_A, 300, &[127, 0, 67, 3]));
-            ("an answer count larger than the records present", [127, 0, 67, 3])
+            (
+                "an answer count larger than the records present",
+                [127, 0, 67, 3],
+            )
         }
         _ => unreachable!("3 unparsable messages"),
     };
@@ -667,7 +718,9 @@ fn privileged_fqdn_malformed_answers_grant_nothing_and_the_daemon_survives() {
         );
     }
     assert!(
-        listed(&daemon).iter().all(|(_, addresses)| addresses.is_empty()),
+        listed(&daemon)
+            .iter()
+            .all(|(_, addresses)| addresses.is_empty()),
         "malformed answers listed addresses: {}",
         daemon.dns()
     );
@@ -679,14 +732,20 @@ fn privileged_fqdn_malformed_answers_grant_nothing_and_the_daemon_survives() {
                 query.id,
                 "api.example.test",
                 RecordType::A,
-                &[AnswerRecord::address("api.example.test", 300, "127.0.66.100")],
+                &[AnswerRecord::address(
+                    "api.example.test",
+                    300,
+                    "127.0.66.100",
+                )],
             ),
             query.from,
         );
     });
     connect(&cgroup, "127.0.66.100", port).assert_ok("a good answer after the malformed ones");
     wait_for_names(&daemon, "api.example.test → 127.0.66.100", |names| {
-        names.iter().any(|(_, addresses)| *addresses == ["127.0.66.100"])
+        names
+            .iter()
+            .any(|(_, addresses)| *addresses == ["127.0.66.100"])
     });
 }
 
@@ -761,7 +820,8 @@ fn privileged_fqdn_egressctl_dns_lists_names_addresses_and_ttls() {
     ));
 
     resolve_connect(&cgroup, &resolver, "api.example.test", port).assert_ok("api.example.test");
-    resolve_connect(&cgroup, &resolver, "api.example.test", port).assert_ok("api.example.test again");
+    resolve_connect(&cgroup, &resolver, "api.example.test", port)
+        .assert_ok("api.example.test again");
     resolve_connect(&cgroup, &resolver, "img.cdn.test", port).assert_ok("img.cdn.test");
     wait_for_names(&daemon, "both names", |names| names.len() >= 2);
 
@@ -769,7 +829,11 @@ fn privileged_fqdn_egressctl_dns_lists_names_addresses_and_ttls() {
     let find = |name: &str| -> Value {
         report["names"]
             .as_array()
-            .and_then(|names| names.iter().find(|n| n["name"] == name && n["workload"] == PROBE))
+            .and_then(|names| {
+                names
+                    .iter()
+                    .find(|n| n["name"] == name && n["workload"] == PROBE)
+            })
             .cloned()
             .unwrap_or_else(|| panic!("{name} is not listed: {report}"))
     };
@@ -842,4 +906,3 @@ fn privileged_fqdn_denied_connect_event_names_the_answer() {
         "no answer named 127.0.69.3: {event}"
     );
 }
-

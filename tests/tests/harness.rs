@@ -207,28 +207,54 @@ fn privileged_dns_helpers_work_without_a_daemon() {
         .start();
     let resolver = SocketAddr::new(IpAddr::V4(dnsmasq.addr()), DNS_PORT);
 
-    let answer = udp_exchange(resolver, "api.example.test", RecordType::A, Duration::from_secs(2))
-        .unwrap_or_else(|err| panic!("{err}\n{}", dnsmasq.logs()));
-    assert_eq!(answer_addresses(&answer), vec!["127.0.60.1".parse::<IpAddr>().expect("ip")]);
-    assert_eq!(answer.answers[0].ttl, 7, "--local-ttl sets the TTL: {answer:?}");
+    let answer = udp_exchange(
+        resolver,
+        "api.example.test",
+        RecordType::A,
+        Duration::from_secs(2),
+    )
+    .unwrap_or_else(|err| panic!("{err}\n{}", dnsmasq.logs()));
+    assert_eq!(
+        answer_addresses(&answer),
+        vec!["127.0.60.1".parse::<IpAddr>().expect("ip")]
+    );
+    assert_eq!(
+        answer.answers[0].ttl, 7,
+        "--local-ttl sets the TTL: {answer:?}"
+    );
     let alias = tcp_exchange(resolver, "alias.test", RecordType::A)
         .unwrap_or_else(|err| panic!("{err}\n{}", dnsmasq.logs()));
     assert_eq!(alias.answers.len(), 2, "CNAME then A: {alias:?}");
-    assert_eq!(answer_addresses(&alias), vec!["127.0.60.2".parse::<IpAddr>().expect("ip")]);
+    assert_eq!(
+        answer_addresses(&alias),
+        vec!["127.0.60.2".parse::<IpAddr>().expect("ip")]
+    );
 
     let port = server.port_str();
     let resolver_ip = dnsmasq.addr_str();
     for args in [
         vec!["resolve-connect", &resolver_ip, "api.example.test", &port],
         vec!["resolve-connect", &resolver_ip, "alias.test", &port],
-        vec!["resolve-connect", &resolver_ip, "api.example.test", &port, "tcp-dns"],
+        vec![
+            "resolve-connect",
+            &resolver_ip,
+            "api.example.test",
+            &port,
+            "tcp-dns",
+        ],
     ] {
         let result = run_probe_in(&cgroup, &args);
         result.assert_ok("resolve and connect without a daemon");
     }
     let v6 = run_probe_in(
         &cgroup,
-        &["resolve-connect", &resolver_ip, "v6.test", &server6.port_str(), "aaaa"],
+        &[
+            "resolve-connect",
+            &resolver_ip,
+            "v6.test",
+            &server6.port_str(),
+            "aaaa",
+        ],
     );
     v6.assert_ok("AAAA ::1 without a daemon");
     assert_eq!(v6.report["addresses"], serde_json::json!(["::1"]), "{v6}");

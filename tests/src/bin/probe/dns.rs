@@ -211,7 +211,8 @@ fn next_id() -> u16 {
 }
 
 fn query_bytes(id: u16, name: &str, kind: RecordType) -> Result<Vec<u8>, Failure> {
-    let mut qname = Name::from_ascii(name).map_err(|err| Failure::other("query", err.to_string()))?;
+    let mut qname =
+        Name::from_ascii(name).map_err(|err| Failure::other("query", err.to_string()))?;
     qname.set_fqdn(true);
     let mut message = Message::new(id, MessageType::Query, OpCode::Query);
     message.metadata.recursion_desired = true;
