@@ -7,11 +7,13 @@
 #![forbid(unsafe_code)]
 
 mod error;
+mod fast_path;
 mod hash;
 mod message;
 mod table;
 
 pub use error::DnsError;
+pub use fast_path::fast_path_addresses;
 pub use hash::name_suffix_hashes;
 pub use message::{
     AnswerRecord, ChainAddress, DnsResponse, MAX_CHAIN_LEN, MAX_MESSAGE_LEN, RecordData,

@@ -230,6 +230,16 @@ impl Engine {
             Ok(response) => response,
             Err(e) => {
                 self.dns_parse_failures += 1;
+                // The kernel may have allowed addresses from it already: withdraw any the
+                // table does not hold for other answers.
+                if answer.name_allowed {
+                    let keys: Vec<(u32, IpAddr)> =
+                        egressd_dns::fast_path_addresses(&answer.payload)
+                            .into_iter()
+                            .map(|addr| (answer.workload, addr))
+                            .collect();
+                    self.refresh_addresses(&keys);
+                }
                 tracing::debug!(
                     workload = answer.workload,
                     server = %answer.server,

@@ -86,8 +86,8 @@ async fn run(args: Args, json: bool) -> anyhow::Result<()> {
 
     let mut datapath = egressd_datapath::Datapath::load(&cgroup_root)
         .with_context(|| format!("loading the eBPF datapath at {}", cgroup_root.display()))?;
-    let mut events = datapath.take_events()?;
-    let mut dns_answers = datapath.take_dns_answers()?;
+    let events = datapath.take_events()?;
+    let dns_answers = datapath.take_dns_answers()?;
     if let Some(kernel_log) = datapath.take_kernel_log() {
         tokio::spawn(kernel_log.run());
     }
@@ -98,71 +98,10 @@ async fn run(args: Args, json: bool) -> anyhow::Result<()> {
         socket_group,
     });
 
-    let reader_shared = shared.clone();
-    tokio::spawn(async move {
-        let mut batch = Vec::with_capacity(EVENT_BATCH);
-        loop {
-            batch.clear();
-            match events.next_batch(&mut batch, EVENT_BATCH).await {
-                Ok(undecodable) if undecodable > 0 => {
-                    tracing::warn!("{undecodable} event records could not be decoded");
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::error!("event ring buffer: {e}");
-                    return;
-                }
-            }
-            for event in &batch {
-                let (name, dns_name) = match reader_shared.engine.lock() {
-                    Ok(engine) => (
-                        engine.workload_name(event.workload),
-                        event
-                            .destination
-                            .and_then(|addr| engine.dns_name_for(event.workload, addr)),
-                    ),
-                    Err(_) => (None, None),
-                };
-                reader_shared
-                    .events
-                    .publish(events::record(event, name, dns_name));
-            }
-        }
-    });
-
-    // DNS answers: learn the addresses of allowed names; expire them on time.
-    let dns_shared = shared.clone();
-    tokio::spawn(async move {
-        let mut batch = Vec::with_capacity(EVENT_BATCH);
-        let mut expiry = tokio::time::interval(DNS_EXPIRY_TICK);
-        loop {
-            batch.clear();
-            tokio::select! {
-                result = dns_answers.next_batch(&mut batch, EVENT_BATCH) => {
-                    if let Err(e) = result {
-                        tracing::error!("DNS answer ring buffer: {e}");
-                        return;
-                    }
-                }
-                _ = expiry.tick() => {
-                    // Answers already in the ring count before anything expires.
-                    dns_answers.drain(&mut batch, usize::MAX);
-                    if let Ok(mut engine) = dns_shared.engine.lock() {
-                        for answer in &batch {
-                            engine.observe_answer(answer);
-                        }
-                        engine.expire_addresses();
-                    }
-                    continue;
-                }
-            }
-            if let Ok(mut engine) = dns_shared.engine.lock() {
-                for answer in &batch {
-                    engine.observe_answer(answer);
-                }
-            }
-        }
-    });
+    // One task reads both rings: DNS answers are learned before the events that follow them
+    // are labelled (the kernel hands over an answer before its socket sees it, so before any
+    // connect that uses it), and learned addresses expire on time.
+    tokio::spawn(kernel_records(shared.clone(), events, dns_answers));
 
     let rescan_shared = shared.clone();
     tokio::spawn(async move {
@@ -230,5 +169,63 @@ fn group_id(group: &str) -> anyhow::Result<u32> {
         Ok(Some(found)) => Ok(found.gid.as_raw()),
         Ok(None) => anyhow::bail!("--socket-group {group}: no such group"),
         Err(e) => anyhow::bail!("--socket-group {group}: looking it up failed: {e}"),
+    }
+}
+
+/// Reads verdict events and DNS answers from the kernel until a ring buffer fails.
+async fn kernel_records(
+    shared: Arc<Shared>,
+    mut events: egressd_datapath::EventStream,
+    mut dns_answers: egressd_datapath::DnsAnswerStream,
+) {
+    let mut event_batch = Vec::with_capacity(EVENT_BATCH);
+    let mut answer_batch = Vec::with_capacity(EVENT_BATCH);
+    let mut expiry = tokio::time::interval(DNS_EXPIRY_TICK);
+    loop {
+        event_batch.clear();
+        answer_batch.clear();
+        let mut expire = false;
+        tokio::select! {
+            result = events.next_batch(&mut event_batch, EVENT_BATCH) => match result {
+                Ok(0) => {}
+                Ok(undecodable) => tracing::warn!("{undecodable} event records could not be decoded"),
+                Err(e) => {
+                    tracing::error!("event ring buffer: {e}");
+                    return;
+                }
+            },
+            result = dns_answers.next_batch(&mut answer_batch, EVENT_BATCH) => {
+                if let Err(e) = result {
+                    tracing::error!("DNS answer ring buffer: {e}");
+                    return;
+                }
+            }
+            _ = expiry.tick() => expire = true,
+        }
+        // Whatever woke us, answers already in the ring are learned first.
+        dns_answers.drain(&mut answer_batch, usize::MAX);
+        let Ok(mut engine) = shared.engine.lock() else {
+            tracing::error!("daemon state is poisoned; stopping event processing");
+            return;
+        };
+        for answer in &answer_batch {
+            engine.observe_answer(answer);
+        }
+        if expire {
+            engine.expire_addresses();
+        }
+        let records: Vec<_> = event_batch
+            .iter()
+            .map(|event| {
+                let dns_name = event
+                    .destination
+                    .and_then(|addr| engine.dns_name_for(event.workload, addr));
+                events::record(event, engine.workload_name(event.workload), dns_name)
+            })
+            .collect();
+        drop(engine);
+        for record in records {
+            shared.events.publish(record);
+        }
     }
 }
