@@ -171,6 +171,7 @@ fn status_report() -> StatusReport {
             would_deny: 3,
             dns_answers: 0,
             dns_answer_drops: 0,
+            dns_resolvers: Vec::new(),
         },
     }
 }

@@ -2,13 +2,10 @@
 //! Every change goes through here: compile first, then apply, and keep the last good state
 //! when anything fails.
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::time::SystemTime;
-
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
-use std::time::Instant;
+use std::path::PathBuf;
+use std::time::{Instant, SystemTime};
 
 use egressd_datapath::{
     CidrRule, Datapath, DatapathPolicy, DnsAnswer, FqdnSpec, MAX_WORKLOAD_ID, WorkloadSpec,
@@ -530,6 +527,7 @@ impl Engine {
                 would_deny: counters.would_deny,
                 dns_answers: counters.dns_answers,
                 dns_answer_drops: counters.dns_answer_drops,
+                dns_resolvers: self.resolvers.iter().map(IpAddr::to_string).collect(),
             },
         }
     }

@@ -245,6 +245,9 @@ pub struct DatapathStatus {
     pub dns_answers: u64,
     #[serde(default)]
     pub dns_answer_drops: u64,
+    /// The resolvers whose answers back FQDN rules.
+    #[serde(default)]
+    pub dns_resolvers: Vec<String>,
 }
 
 /// One datapath event as the daemon reports it.
@@ -407,6 +410,7 @@ pub(crate) mod tests {
                 would_deny: 2,
                 dns_answers: 0,
                 dns_answer_drops: 0,
+                dns_resolvers: Vec::new(),
             },
         }
     }

@@ -131,9 +131,14 @@ fn write_status(out: &mut String, report: &StatusReport) -> std::fmt::Result {
         datapath.denied,
         datapath.would_deny
     )?;
+    let resolvers = if datapath.dns_resolvers.is_empty() {
+        "none".to_owned()
+    } else {
+        datapath.dns_resolvers.join(", ")
+    };
     writeln!(
         out,
-        "dns:          answers seen {}, lost {}",
+        "dns:          resolvers {resolvers}; answers seen {}, lost {}",
         datapath.dns_answers, datapath.dns_answer_drops
     )?;
     if datapath.ring_buffer_drops > 0 {
@@ -212,6 +217,7 @@ mod tests {
                 would_deny: 2,
                 dns_answers: 0,
                 dns_answer_drops: 0,
+                dns_resolvers: Vec::new(),
             },
         }
     }
@@ -232,7 +238,7 @@ host          audit   file     0        10/0              yes
 
 datapath:     cgroup root /sys/fs/cgroup, programs: connect4, connect6
 counters:     events 10, ring buffer drops 0, allowed 5, denied 3, would-deny 2
-dns:          answers seen 0, lost 0
+dns:          resolvers none; answers seen 0, lost 0
 "
         );
     }
