@@ -39,6 +39,7 @@ use crate::verdict::{
 
 const ALLOW: i32 = 1;
 const REFUSE: i32 = 0;
+const SOCK_STREAM: u32 = 1;
 const SOCK_RAW: u32 = 3;
 const TCP_LISTEN: u32 = 10;
 
@@ -276,7 +277,25 @@ pub fn egress(ctx: SkBuffContext) -> i32 {
         // Request and time-wait sockets only send handshake replies, ACKs and resets.
         return ALLOW;
     }
-    let parsed = packet::parse(&ctx);
+    // SAFETY: full is a valid full socket.
+    let (socket_type, protocol, dst_port) = unsafe {
+        (
+            (*full).type_,
+            (*full).protocol,
+            u16::from_be((*full).dst_port),
+        )
+    };
+    // Connected TCP: the socket names the peer, so no packet loads on the per-packet path
+    // (except DNS over TCP, whose queries are read from the payload).
+    let parsed = if socket_type == SOCK_STREAM
+        && protocol == u32::from(verdict::IPPROTO_TCP)
+        && dst_port != dns::DNS_PORT
+    {
+        // SAFETY: full is a valid full socket.
+        unsafe { packet::from_tcp_socket(full) }
+    } else {
+        packet::parse(&ctx)
+    };
     // SAFETY: full is a full socket, which cgroup_skb may pass to bpf_sk_storage_get.
     let Some(state) = (unsafe { socket_state(full.cast::<c_void>()) }) else {
         count(COUNTER_STORAGE_FAILURES);
@@ -286,7 +305,7 @@ pub fn egress(ctx: SkBuffContext) -> i32 {
     // from the kernel's own sockets, which never pass through sock_create. A raw socket a
     // user created could forge the same packets, so it gets no such pass.
     // SAFETY: full is a valid full socket.
-    let user_raw = unsafe { (*full).type_ } == SOCK_RAW && state.flags & SOCKET_FLAG_CREATED != 0;
+    let user_raw = socket_type == SOCK_RAW && state.flags & SOCKET_FLAG_CREATED != 0;
     if parsed.control && !user_raw {
         return ALLOW;
     }
@@ -324,8 +343,7 @@ pub fn egress(ctx: SkBuffContext) -> i32 {
         (VERDICT_ALLOW, egressd_common::event::REASON_LEARNING)
     };
     let mut flow = parsed.flow;
-    // SAFETY: full is a valid full socket.
-    flow.socket_type = unsafe { (*full).type_ } as u8;
+    flow.socket_type = socket_type as u8;
     let task = Task {
         tgid: state.creator_tgid,
         tid: state.creator_tid,

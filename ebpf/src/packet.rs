@@ -1,6 +1,6 @@
 //! Parsing the packet a `cgroup_skb` program sees (it starts at the network header).
 
-use aya_ebpf::programs::SkBuffContext;
+use aya_ebpf::{bindings::bpf_sock, programs::SkBuffContext};
 use egressd_common::v4_mapped;
 
 use crate::verdict::{Flow, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
@@ -66,6 +66,73 @@ fn parse_transport(ctx: &SkBuffContext, offset: usize, parsed: &mut Parsed) {
             }
         }
         _ => {}
+    }
+}
+
+const AF_INET: u32 = 2;
+
+/// The flow of a connected TCP socket, read from the socket instead of the packet: every
+/// packet of the connection goes to the socket's peer, so the per-packet path skips the
+/// packet loads. An IPv4-mapped peer of an AF_INET6 socket reads as the IPv4 key.
+///
+/// # Safety
+/// `sk` must be a full socket from the program's context.
+#[inline(always)]
+pub unsafe fn from_tcp_socket(sk: *mut bpf_sock) -> Parsed {
+    // Context fields must be loaded whole at fixed offsets (the verifier forbids pointer
+    // arithmetic on sockets); volatile reads keep LLVM from splitting them.
+    // SAFETY: the caller vouches for sk; each read is one field of the context.
+    let (family, dst_ip4, src_ip4, dst_port, src_port) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*sk).family),
+            core::ptr::read_volatile(&raw const (*sk).dst_ip4),
+            core::ptr::read_volatile(&raw const (*sk).src_ip4),
+            core::ptr::read_volatile(&raw const (*sk).dst_port),
+            core::ptr::read_volatile(&raw const (*sk).src_port),
+        )
+    };
+    let mut flow = Flow::empty();
+    if family == AF_INET {
+        flow.family = 4;
+        flow.dst = v4_mapped(dst_ip4.to_ne_bytes());
+        flow.src = v4_mapped(src_ip4.to_ne_bytes());
+    } else {
+        // SAFETY: as above, one 32-bit field load each.
+        let words = unsafe {
+            [
+                core::ptr::read_volatile(&raw const (*sk).dst_ip6[0]),
+                core::ptr::read_volatile(&raw const (*sk).dst_ip6[1]),
+                core::ptr::read_volatile(&raw const (*sk).dst_ip6[2]),
+                core::ptr::read_volatile(&raw const (*sk).dst_ip6[3]),
+            ]
+        };
+        let mut dst = [0u8; 16];
+        let mut i = 0;
+        while i < 4 {
+            let bytes = words[i].to_ne_bytes();
+            dst[i * 4] = bytes[0];
+            dst[i * 4 + 1] = bytes[1];
+            dst[i * 4 + 2] = bytes[2];
+            dst[i * 4 + 3] = bytes[3];
+            i += 1;
+        }
+        flow.family = if dst[..12] == egressd_common::V4_MAPPED_PREFIX {
+            4
+        } else {
+            6
+        };
+        flow.dst = dst;
+    }
+    flow.dst_port = u16::from_be(dst_port);
+    flow.src_port = src_port as u16;
+    flow.protocol = IPPROTO_TCP;
+    flow.has_port = true;
+    Parsed {
+        flow,
+        control: false,
+        valid: true,
+        transport_offset: 0,
+        payload_offset: 0,
     }
 }
 
