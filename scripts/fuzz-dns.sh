@@ -16,7 +16,7 @@ if ! rustup toolchain list | grep -q '^nightly'; then
   exit 1
 fi
 if ! cargo fuzz --version >/dev/null 2>&1; then
-  cargo install cargo-fuzz --locked
+  cargo install cargo-fuzz --locked --version 0.13.2
 fi
 
 for target in $(cargo +nightly fuzz list); do

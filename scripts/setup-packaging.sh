@@ -6,8 +6,9 @@
 # Idempotent: every step checks first, so a second run takes a second.
 set -euo pipefail
 
-CARGO_DEB_VERSION="${EGRESSD_CARGO_DEB_VERSION:-}"
-CARGO_GENERATE_RPM_VERSION="${EGRESSD_CARGO_GENERATE_RPM_VERSION:-}"
+# Pinned: versions verified with this toolchain (newer releases may need a newer rustc).
+CARGO_DEB_VERSION="${EGRESSD_CARGO_DEB_VERSION:-3.8.0}"
+CARGO_GENERATE_RPM_VERSION="${EGRESSD_CARGO_GENERATE_RPM_VERSION:-0.21.1}"
 APT_PACKAGES=(rpm man-db systemd dpkg-dev)
 
 log() { printf 'setup-packaging: %s\n' "$*" >&2; }
