@@ -819,6 +819,21 @@ impl MapSet<'_> {
     }
 }
 
+/// The program `$name` as a `$ty`, loaded into the kernel (aya's program types share no
+/// trait for `load`, hence a macro).
+macro_rules! loaded {
+    ($ebpf:expr, $ty:ty, $name:expr) => {{
+        let name: &'static str = $name;
+        let program: &mut $ty = $ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::MissingProgram { name })?
+            .try_into()
+            .map_err(program_err(name, "type check"))?;
+        program.load().map_err(program_err(name, "loading"))?;
+        program
+    }};
+}
+
 fn attach_all(
     ebpf: &mut Ebpf,
     cgroup: &File,
@@ -827,57 +842,29 @@ fn attach_all(
     // bpf_link attachments coexist with other programs on the same cgroup (the kernel attaches
     // links in multi mode); `Single` is aya's name for "no flags".
     let mode = CgroupAttachMode::Single;
+    let attach_err = |name| program_err(name, "attaching");
 
     for name in SOCK_ADDR_PROGRAMS {
-        let program: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .ok_or(DatapathError::MissingProgram { name })?
-            .try_into()
-            .map_err(program_err(name, "type check"))?;
-        program.load().map_err(program_err(name, "loading"))?;
-        program
+        loaded!(ebpf, CgroupSockAddr, name)
             .attach(cgroup, mode)
-            .map_err(program_err(name, "attaching"))?;
+            .map_err(attach_err(name))?;
         attached.push(format!("{name} (cgroup/{name})"));
     }
-
-    let name = "sock_create";
-    let program: &mut CgroupSock = ebpf
-        .program_mut(name)
-        .ok_or(DatapathError::MissingProgram { name })?
-        .try_into()
-        .map_err(program_err(name, "type check"))?;
-    program.load().map_err(program_err(name, "loading"))?;
-    program
+    loaded!(ebpf, CgroupSock, "sock_create")
         .attach(cgroup, mode)
-        .map_err(program_err(name, "attaching"))?;
+        .map_err(attach_err("sock_create"))?;
     attached.push("sock_create (cgroup/sock_create)".to_owned());
-
-    let name = "sock_ops";
-    let program: &mut SockOps = ebpf
-        .program_mut(name)
-        .ok_or(DatapathError::MissingProgram { name })?
-        .try_into()
-        .map_err(program_err(name, "type check"))?;
-    program.load().map_err(program_err(name, "loading"))?;
-    program
+    loaded!(ebpf, SockOps, "sock_ops")
         .attach(cgroup, mode)
-        .map_err(program_err(name, "attaching"))?;
+        .map_err(attach_err("sock_ops"))?;
     attached.push("sock_ops (sockops)".to_owned());
-
     for (name, attach_type) in [
         ("egress", CgroupSkbAttachType::Egress),
         ("ingress", CgroupSkbAttachType::Ingress),
     ] {
-        let program: &mut CgroupSkb = ebpf
-            .program_mut(name)
-            .ok_or(DatapathError::MissingProgram { name })?
-            .try_into()
-            .map_err(program_err(name, "type check"))?;
-        program.load().map_err(program_err(name, "loading"))?;
-        program
+        loaded!(ebpf, CgroupSkb, name)
             .attach(cgroup, attach_type, mode)
-            .map_err(program_err(name, "attaching"))?;
+            .map_err(attach_err(name))?;
         attached.push(format!("{name} (cgroup_skb/{name})"));
     }
     Ok(())

@@ -83,23 +83,8 @@ fn sock_addr_flow(ctx: &SockAddrContext, ipv6: bool) -> Flow {
     let sock_addr = unsafe { &*ctx.sock_addr };
     let mut flow = Flow::empty();
     if ipv6 {
-        let words = sock_addr.user_ip6;
-        let mut dst = [0u8; 16];
-        let mut i = 0;
-        while i < 4 {
-            let bytes = words[i].to_ne_bytes();
-            dst[i * 4] = bytes[0];
-            dst[i * 4 + 1] = bytes[1];
-            dst[i * 4 + 2] = bytes[2];
-            dst[i * 4 + 3] = bytes[3];
-            i += 1;
-        }
-        // An IPv4-mapped destination is already in the form IPv4 keys use.
-        flow.family = if dst[..12] == egressd_common::V4_MAPPED_PREFIX {
-            4
-        } else {
-            6
-        };
+        let (dst, family) = packet::ipv6_from_words(sock_addr.user_ip6);
+        flow.family = family;
         flow.dst = dst;
     } else {
         flow.family = 4;

@@ -1,7 +1,7 @@
 //! Parsing the packet a `cgroup_skb` program sees (it starts at the network header).
 
 use aya_ebpf::{bindings::bpf_sock, programs::SkBuffContext};
-use egressd_common::v4_mapped;
+use egressd_common::{Addr, v4_mapped};
 
 use crate::verdict::{Flow, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
 
@@ -71,6 +71,28 @@ fn parse_transport(ctx: &SkBuffContext, offset: usize, parsed: &mut Parsed) {
 
 const AF_INET: u32 = 2;
 
+/// An IPv6 address given as four network-order words (as contexts hold it), and the family
+/// it is judged as: an IPv4-mapped address is already the key its IPv4 address uses.
+#[inline(always)]
+pub fn ipv6_from_words(words: [u32; 4]) -> (Addr, u8) {
+    let mut addr = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let bytes = words[i].to_ne_bytes();
+        addr[i * 4] = bytes[0];
+        addr[i * 4 + 1] = bytes[1];
+        addr[i * 4 + 2] = bytes[2];
+        addr[i * 4 + 3] = bytes[3];
+        i += 1;
+    }
+    let family = if addr[..12] == egressd_common::V4_MAPPED_PREFIX {
+        4
+    } else {
+        6
+    };
+    (addr, family)
+}
+
 /// The flow of a connected TCP socket, read from the socket instead of the packet: every
 /// packet of the connection goes to the socket's peer, so the per-packet path skips the
 /// packet loads. An IPv4-mapped peer of an AF_INET6 socket reads as the IPv4 key.
@@ -106,21 +128,8 @@ pub unsafe fn from_tcp_socket(sk: *mut bpf_sock) -> Parsed {
                 core::ptr::read_volatile(&raw const (*sk).dst_ip6[3]),
             ]
         };
-        let mut dst = [0u8; 16];
-        let mut i = 0;
-        while i < 4 {
-            let bytes = words[i].to_ne_bytes();
-            dst[i * 4] = bytes[0];
-            dst[i * 4 + 1] = bytes[1];
-            dst[i * 4 + 2] = bytes[2];
-            dst[i * 4 + 3] = bytes[3];
-            i += 1;
-        }
-        flow.family = if dst[..12] == egressd_common::V4_MAPPED_PREFIX {
-            4
-        } else {
-            6
-        };
+        let (dst, family) = ipv6_from_words(words);
+        flow.family = family;
         flow.dst = dst;
     }
     flow.dst_port = u16::from_be(dst_port);
