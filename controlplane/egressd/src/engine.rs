@@ -121,17 +121,27 @@ impl Engine {
         Ok(ids)
     }
 
+    /// The cgroups that the workloads' patterns match now: id → workload, and the paths per
+    /// workload.
+    fn cgroup_table(
+        &self,
+        workloads: &[Workload],
+        ids: &BTreeMap<String, u32>,
+    ) -> (BTreeMap<u64, u32>, BTreeMap<u32, Vec<String>>) {
+        let patterns: Vec<(u32, &egressd_policy::CgroupPattern)> = workloads
+            .iter()
+            .filter_map(|w| Some((*ids.get(&w.name)?, w.cgroup.as_ref()?)))
+            .collect();
+        cgroups::table(self.datapath.cgroup_root(), &patterns)
+    }
+
     fn compile(
         &self,
         policy: &Policy,
         ids: &BTreeMap<String, u32>,
     ) -> (DatapathPolicy, BTreeMap<u32, Vec<String>>) {
         let workloads = Self::effective_workloads(policy);
-        let patterns: Vec<(u32, &egressd_policy::CgroupPattern)> = workloads
-            .iter()
-            .filter_map(|w| Some((*ids.get(&w.name)?, w.cgroup.as_ref()?)))
-            .collect();
-        let (cgroup_ids, cgroup_paths) = cgroups::table(self.datapath.cgroup_root(), &patterns);
+        let (cgroup_ids, cgroup_paths) = self.cgroup_table(&workloads, ids);
         let mut by_workload: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
         for (&cgroup, &workload) in &cgroup_ids {
             by_workload.entry(workload).or_default().push(cgroup);
@@ -384,12 +394,8 @@ impl Engine {
 
     /// Picks up cgroups created or removed since the last scan (new services matching a glob).
     pub fn rescan_cgroups(&mut self) -> anyhow::Result<()> {
-        let (compiled, cgroup_paths) = self.compile(&self.policy, &self.ids);
-        let table: BTreeMap<u64, u32> = compiled
-            .workloads
-            .iter()
-            .flat_map(|w| w.cgroup_ids.iter().map(move |&c| (c, w.id)))
-            .collect();
+        let workloads = Self::effective_workloads(&self.policy);
+        let (table, cgroup_paths) = self.cgroup_table(&workloads, &self.ids);
         self.datapath.set_workload_cgroups(&table)?;
         if cgroup_paths != self.cgroup_paths {
             tracing::info!(cgroups = table.len(), "workload cgroups changed");
