@@ -25,11 +25,24 @@ pub struct Diagnostic {
 }
 
 impl Diagnostic {
+    /// A diagnostic on one line: a multi-line message (the toml crate's syntax errors have
+    /// two) is joined with `: `, so every diagnostic prints as one `PATH:LINE:COL: message`.
     pub fn new(location: Location, message: impl Into<String>) -> Self {
+        let message: String = message.into();
+        let message = if message.contains('\n') {
+            message
+                .lines()
+                .map(str::trim)
+                .filter(|line| !line.is_empty())
+                .collect::<Vec<_>>()
+                .join(": ")
+        } else {
+            message
+        };
         Diagnostic {
             line: location.line,
             column: location.column,
-            message: message.into(),
+            message,
         }
     }
 

@@ -976,3 +976,14 @@ fn metrics_section_defaults_and_overrides() {
         "invalid metrics listen address",
     );
 }
+
+#[test]
+fn syntax_errors_print_on_one_line_each() {
+    // Found by fuzzing: the toml crate's syntax errors span two lines.
+    for text in ["e=e", "[[a]"] {
+        let error = parse(text, Path::new("broken.toml")).expect_err("syntax error");
+        let printed = error.to_string();
+        assert_eq!(printed.lines().count(), 1, "{printed:?}");
+        assert!(printed.starts_with("broken.toml:1:"), "{printed:?}");
+    }
+}
