@@ -11,21 +11,13 @@ CARGO_DEB_VERSION="${EGRESSD_CARGO_DEB_VERSION:-3.8.0}"
 CARGO_GENERATE_RPM_VERSION="${EGRESSD_CARGO_GENERATE_RPM_VERSION:-0.21.1}"
 APT_PACKAGES=(rpm man-db systemd dpkg-dev)
 
+# shellcheck source=scripts/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
 log() { printf 'setup-packaging: %s\n' "$*" >&2; }
 
-if [ "$(id -u)" -ne 0 ]; then
-  log "must run as root (installs Debian packages)"; exit 1
-fi
-
-missing=()
-for pkg in "${APT_PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  log "installing Debian packages: ${missing[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+require_root
+ensure_apt_packages --no-install-recommends "${APT_PACKAGES[@]}"
 
 # cargo install --list prints "name vX.Y.Z:" for every installed crate.
 installed() { cargo install --list 2>/dev/null | grep -q "^$1 v"; }

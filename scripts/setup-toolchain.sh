@@ -14,21 +14,13 @@ APT_PACKAGES=(
   iproute2 dnsmasq-base procps
 )
 
+# shellcheck source=scripts/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
 log() { printf 'setup: %s\n' "$*" >&2; }
 
-if [ "$(id -u)" -ne 0 ]; then
-  log "must run as root (installs Debian packages)"; exit 1
-fi
-
-missing=()
-for pkg in "${APT_PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  log "installing Debian packages: ${missing[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+require_root
+ensure_apt_packages "${APT_PACKAGES[@]}"
 
 if ! command -v rustup >/dev/null 2>&1; then
   log "rustup is required (the host toolchain comes from it)"; exit 1

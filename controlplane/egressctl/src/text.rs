@@ -53,6 +53,24 @@ pub fn count(n: usize, noun: &str) -> String {
     }
 }
 
+/// Prints a report as pretty JSON (`--json`) or in its human form.
+pub fn print_report<T: serde::Serialize>(
+    report: &T,
+    json: bool,
+    human: impl FnOnce(&T) -> String,
+) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let text = if json {
+        let mut json = serde_json::to_string_pretty(report)?;
+        json.push('\n');
+        json
+    } else {
+        human(report)
+    };
+    std::io::stdout().lock().write_all(text.as_bytes())?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

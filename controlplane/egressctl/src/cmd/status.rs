@@ -1,14 +1,13 @@
 //! `egressctl status [--json]`
 
 use std::fmt::Write as _;
-use std::io::{self, Write};
 use std::path::Path;
 use std::process::ExitCode;
 
 use egressd_proto::{ModeSource, Request, Response, StatusReport};
 
 use crate::client::{Client, TIMEOUT, unexpected};
-use crate::text::{clean, table};
+use crate::text::{clean, print_report, table};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -22,14 +21,7 @@ pub fn run(socket: &Path, args: &Args) -> anyhow::Result<ExitCode> {
         Response::Status(report) => report,
         other => return Err(unexpected(other)),
     };
-    let text = if args.json {
-        let mut json = serde_json::to_string_pretty(&report)?;
-        json.push('\n');
-        json
-    } else {
-        format_status(&report)
-    };
-    io::stdout().lock().write_all(text.as_bytes())?;
+    print_report(&report, args.json, format_status)?;
     Ok(ExitCode::SUCCESS)
 }
 
