@@ -116,6 +116,10 @@ impl Failure {
             error: error.into(),
         }
     }
+
+    fn json(&self) -> Value {
+        json!({ "ok": false, "errno": self.errno, "error": self.error, "step": self.step })
+    }
 }
 
 type Outcome = Result<(), Failure>;
@@ -123,12 +127,7 @@ type Outcome = Result<(), Failure>;
 fn report(outcome: Outcome) -> Value {
     match outcome {
         Ok(()) => json!({ "ok": true }),
-        Err(failure) => json!({
-            "ok": false,
-            "errno": failure.errno,
-            "error": failure.error,
-            "step": failure.step,
-        }),
+        Err(failure) => failure.json(),
     }
 }
 

@@ -29,6 +29,8 @@ use hickory_proto::op::{Message, MessageType, OpCode, Query};
 use hickory_proto::rr::{Name, RData, RecordType};
 use serde_json::{Value, json};
 
+use super::Failure;
+
 const DNS_PORT: u16 = 53;
 /// Bound on each step (a DNS exchange, a connect, an echo).
 const STEP_TIMEOUT: Duration = Duration::from_secs(2);
@@ -163,39 +165,6 @@ pub fn run(action: Action) -> Value {
             wait,
             kind,
         } => query(resolver, &name, wait, kind),
-    }
-}
-
-/// A failed step: its name, errno (0 when there is none) and text.
-#[derive(Debug)]
-struct Failure {
-    step: &'static str,
-    errno: i32,
-    error: String,
-}
-
-impl Failure {
-    fn io(step: &'static str, err: &io::Error) -> Failure {
-        Failure {
-            step,
-            errno: err.raw_os_error().unwrap_or(match err.kind() {
-                io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => libc::ETIMEDOUT,
-                _ => 0,
-            }),
-            error: err.to_string(),
-        }
-    }
-
-    fn other(step: &'static str, error: impl Into<String>) -> Failure {
-        Failure {
-            step,
-            errno: 0,
-            error: error.into(),
-        }
-    }
-
-    fn json(&self) -> Value {
-        json!({ "ok": false, "errno": self.errno, "error": self.error, "step": self.step })
     }
 }
 
