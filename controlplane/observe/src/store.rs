@@ -192,11 +192,7 @@ impl Store {
     }
 
     fn sql(&self, step: &'static str) -> impl Fn(rusqlite::Error) -> ObserveError + '_ {
-        move |source| ObserveError::Sql {
-            path: self.path.clone(),
-            step,
-            source,
-        }
+        sql_error(&self.path, step)
     }
 
     fn too_new(&self, found: i64) -> ObserveError {
@@ -241,20 +237,18 @@ impl Store {
 
     /// Brings the file to [`SCHEMA_VERSION`] in one transaction.
     fn migrate(&mut self) -> Result<(), ObserveError> {
-        let path = self.path.clone();
-        let sql = |step: &'static str| {
-            let path = path.clone();
-            move |source| ObserveError::Sql { path, step, source }
-        };
+        // A transaction borrows the connection, so errors name the path through this field.
+        let path = &self.path;
+        let sql = |step: &'static str| sql_error(path, step);
         // IMMEDIATE: two processes opening a new file at once do not both migrate.
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(sql("starting the schema migration"))?;
-        let found = schema_version(&tx, &path)?;
+        let found = schema_version(&tx, path)?;
         if found > SCHEMA_VERSION {
             return Err(ObserveError::SchemaTooNew {
-                path,
+                path: path.clone(),
                 found,
                 supported: SCHEMA_VERSION,
             });
@@ -460,11 +454,9 @@ impl Store {
         retention: Retention,
         now: SystemTime,
     ) -> Result<PruneStats, ObserveError> {
-        let path = self.path.clone();
-        let sql = |step: &'static str| {
-            let path = path.clone();
-            move |source| ObserveError::Sql { path, step, source }
-        };
+        // A transaction borrows the connection, so errors name the path through this field.
+        let path = &self.path;
+        let sql = |step: &'static str| sql_error(path, step);
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -717,3 +709,15 @@ fn create_private(path: &Path) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests;
+
+/// Maps a SQLite error at `step` to one that names the store's file.
+fn sql_error<'a>(
+    path: &'a Path,
+    step: &'static str,
+) -> impl Fn(rusqlite::Error) -> ObserveError + 'a {
+    move |source| ObserveError::Sql {
+        path: path.to_owned(),
+        step,
+        source,
+    }
+}
