@@ -140,12 +140,18 @@ impl Clock {
         }
     }
 
-    fn wall(&self, monotonic_ns: u64) -> SystemTime {
+    pub(crate) fn wall(&self, monotonic_ns: u64) -> SystemTime {
         match self.boot_offset {
             Some(boot) => boot + Duration::from_nanos(monotonic_ns),
             None => SystemTime::now(),
         }
     }
+}
+
+/// A task name from the kernel: up to 16 bytes, NUL-terminated when shorter.
+pub(crate) fn comm_string(comm: &[u8; 16]) -> String {
+    let len = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..len]).into_owned()
 }
 
 pub(crate) fn decode(bytes: &[u8], clock: &Clock) -> Result<Event, DatapathError> {
@@ -187,7 +193,6 @@ pub(crate) fn decode(bytes: &[u8], clock: &Clock) -> Result<Event, DatapathError
         other => Hook::Unknown(other),
     };
     let has_ports = matches!(event.protocol, IPPROTO_TCP | IPPROTO_UDP) && hook != Hook::SockCreate;
-    let comm_len = event.comm.iter().position(|&b| b == 0).unwrap_or(16);
     let source = address(event.src_addr, event.family);
     Ok(Event {
         kind,
@@ -195,7 +200,7 @@ pub(crate) fn decode(bytes: &[u8], clock: &Clock) -> Result<Event, DatapathError
         cgroup_id: event.cgroup_id,
         tgid: event.tgid,
         tid: event.tid,
-        comm: String::from_utf8_lossy(&event.comm[..comm_len]).into_owned(),
+        comm: comm_string(&event.comm),
         workload: event.workload,
         protocol: event.protocol,
         socket_type: event.socket_type,

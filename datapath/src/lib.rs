@@ -3,6 +3,7 @@
 //! here and in `egressd-common`.
 
 mod events;
+mod flows;
 mod rules;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -35,11 +36,15 @@ use ipnet::IpNet;
 pub use events::{
     DnsAnswer, DnsAnswerStream, Event, EventKind, EventStream, Hook, Reason, Verdict,
 };
+pub use flows::{FlowSummary, TaskRef};
 pub use rules::CidrRule;
 use rules::Prefix;
 
 /// The compiled eBPF object.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egressd-ebpf"));
+
+/// Flow summaries the kernel holds at once (least recently used evicted beyond).
+pub const MAX_FLOWS: u32 = egressd_common::flow::MAX_FLOWS;
 
 /// Largest workload id the datapath accepts.
 pub const MAX_WORKLOAD_ID: u32 = MAX_WORKLOADS - 1;
@@ -103,7 +108,10 @@ pub enum DatapathError {
     EventsTaken,
 }
 
-fn map_err(name: &'static str, action: &'static str) -> impl FnOnce(MapError) -> DatapathError {
+pub(crate) fn map_err(
+    name: &'static str,
+    action: &'static str,
+) -> impl FnOnce(MapError) -> DatapathError {
     move |source| DatapathError::Map {
         name,
         action,
@@ -203,6 +211,8 @@ pub struct Counters {
     /// Addresses the kernel allowed straight from answers, and those it could not store.
     pub fqdn_inserts: u64,
     pub fqdn_insert_failures: u64,
+    /// Flow summaries the kernel could not create (their first sight was still an event).
+    pub flow_insert_failures: u64,
 }
 
 /// Protocol names of the decision counters, with a protocol number that falls in each slot.
@@ -235,6 +245,11 @@ pub struct Datapath {
     decision_counters: PerCpuArray<MapData, u64>,
     events: Option<RingBuf<MapData>>,
     dns_answers: Option<RingBuf<MapData>>,
+    flows: flows::FlowTable,
+    /// Entries of the flow table at the last read.
+    flow_entries: usize,
+    /// Whether the egress program names the tasks that send data (kernels from 6.10).
+    sender_tasks: bool,
     clock: events::Clock,
     // Mirrors of what the maps hold, so `apply` writes only differences.
     installed_allow: BTreeMap<(u32, Prefix), AllowValue>,
@@ -290,6 +305,8 @@ impl Datapath {
             RingBuf::try_from(maps.take("EVENTS")?).map_err(map_err("EVENTS", "opening"))?;
         let dns_answers = RingBuf::try_from(maps.take("DNS_ANSWERS")?)
             .map_err(map_err("DNS_ANSWERS", "opening"))?;
+        let flow_map =
+            HashMap::try_from(maps.take("FLOWS")?).map_err(map_err("FLOWS", "opening"))?;
 
         let settings = Settings {
             generation: 1,
@@ -306,7 +323,7 @@ impl Datapath {
             source,
         })?;
         let mut programs = Vec::new();
-        attach_all(&mut ebpf, &cgroup, &mut programs)?;
+        let sender_tasks = attach_all(&mut ebpf, &cgroup, &mut programs)?;
 
         Ok(Datapath {
             ebpf,
@@ -324,6 +341,9 @@ impl Datapath {
             decision_counters,
             events: Some(events),
             dns_answers: Some(dns_answers),
+            flows: flows::FlowTable::new(flow_map),
+            flow_entries: 0,
+            sender_tasks,
             clock: events::Clock::new(),
             installed_allow: BTreeMap::new(),
             installed_deny: BTreeSet::new(),
@@ -360,6 +380,19 @@ impl Datapath {
                 .ok()
             })
             .map(|logger| KernelLog { logger })
+    }
+
+    /// Whether flow summaries name the tasks that write data on connected sockets (the
+    /// kernel lets cgroup_skb programs see the current task from 6.10 on).
+    pub fn sender_tasks(&self) -> bool {
+        self.sender_tasks
+    }
+
+    /// Every per-destination flow summary the kernel holds now (running totals).
+    pub fn flow_summaries(&mut self) -> Result<Vec<FlowSummary>, DatapathError> {
+        let summaries = self.flows.read(&self.clock)?;
+        self.flow_entries = summaries.len();
+        Ok(summaries)
     }
 
     /// The event stream; can be taken once.
@@ -574,6 +607,7 @@ impl Datapath {
             dns_answers_rejected: total(counters::COUNTER_DNS_REJECTED)?,
             fqdn_inserts: total(counters::COUNTER_FQDN_INSERTS)?,
             fqdn_insert_failures: total(counters::COUNTER_FQDN_INSERT_FAILURES)?,
+            flow_insert_failures: total(counters::COUNTER_FLOW_INSERT_FAILURES)?,
         })
     }
 
@@ -681,6 +715,7 @@ impl Datapath {
                 self.installed_fqdn_addresses.len(),
                 MAX_FQDN_ADDRESSES,
             ),
+            ("flows", self.flow_entries, egressd_common::flow::MAX_FLOWS),
         ]
     }
 
@@ -720,7 +755,7 @@ impl Datapath {
 }
 
 /// A 16-byte map address as an `IpAddr` (IPv4-mapped as IPv4).
-fn canonical_addr(addr: [u8; 16]) -> std::net::IpAddr {
+pub(crate) fn canonical_addr(addr: [u8; 16]) -> std::net::IpAddr {
     let v6 = std::net::Ipv6Addr::from(addr);
     match v6.to_ipv4_mapped() {
         Some(v4) => std::net::IpAddr::V4(v4),
@@ -834,11 +869,13 @@ macro_rules! loaded {
     }};
 }
 
+/// Loads and attaches every program. Returns whether the egress program that names sending
+/// tasks was accepted (else its compatible twin is attached).
 fn attach_all(
     ebpf: &mut Ebpf,
     cgroup: &File,
     attached: &mut Vec<String>,
-) -> Result<(), DatapathError> {
+) -> Result<bool, DatapathError> {
     // bpf_link attachments coexist with other programs on the same cgroup (the kernel attaches
     // links in multi mode); `Single` is aya's name for "no flags".
     let mode = CgroupAttachMode::Single;
@@ -858,15 +895,54 @@ fn attach_all(
         .attach(cgroup, mode)
         .map_err(attach_err("sock_ops"))?;
     attached.push("sock_ops (sockops)".to_owned());
+    let sender_tasks = match try_load_cgroup_skb(ebpf, "egress") {
+        Ok(()) => true,
+        Err(e) => {
+            // Kernels before 6.10 refuse bpf_get_current_pid_tgid in cgroup_skb programs.
+            log::info!(
+                "egress program with sending tasks refused ({e}); using egress_compat: flows                  name their connecting task only"
+            );
+            try_load_cgroup_skb(ebpf, "egress_compat")?;
+            false
+        }
+    };
+    let egress = if sender_tasks {
+        "egress"
+    } else {
+        "egress_compat"
+    };
     for (name, attach_type) in [
-        ("egress", CgroupSkbAttachType::Egress),
+        (egress, CgroupSkbAttachType::Egress),
         ("ingress", CgroupSkbAttachType::Ingress),
     ] {
-        loaded!(ebpf, CgroupSkb, name)
+        if name == "ingress" {
+            try_load_cgroup_skb(ebpf, name)?;
+        }
+        let program: &mut CgroupSkb = ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::MissingProgram { name })?
+            .try_into()
+            .map_err(program_err(name, "type check"))?;
+        program
             .attach(cgroup, attach_type, mode)
             .map_err(attach_err(name))?;
-        attached.push(format!("{name} (cgroup_skb/{name})"));
+        attached.push(format!(
+            "{name} (cgroup_skb/{})",
+            attach_type_name(attach_type)
+        ));
     }
+    Ok(sender_tasks)
+}
+
+fn attach_type_name(attach_type: CgroupSkbAttachType) -> &'static str {
+    match attach_type {
+        CgroupSkbAttachType::Egress => "egress",
+        CgroupSkbAttachType::Ingress => "ingress",
+    }
+}
+
+fn try_load_cgroup_skb(ebpf: &mut Ebpf, name: &'static str) -> Result<(), DatapathError> {
+    loaded!(ebpf, CgroupSkb, name);
     Ok(())
 }
 

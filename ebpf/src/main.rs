@@ -4,8 +4,12 @@
 // bpfel-unknown-none through datapath/build.rs.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// Atomic adds on map values (see flows.rs); the eBPF build runs with RUSTC_BOOTSTRAP.
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 mod dns;
+mod flows;
 mod maps;
 mod packet;
 mod verdict;
@@ -15,8 +19,8 @@ use core::ffi::c_void;
 use aya_ebpf::{
     bindings::BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
     helpers::generated::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_sk_fullsock,
-        bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
+        bpf_sk_fullsock, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
     },
     macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, sock_ops},
     programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
@@ -28,13 +32,13 @@ use egressd_common::{
         VERDICT_DENY, VERDICT_WOULD_DENY,
     },
     policy::{MODE_AUDIT, MODE_STRICT, NO_WORKLOAD, WORKLOAD_FLAG_RAW_SOCKETS},
-    socket::{SOCKET_FLAG_CREATED, SOCKET_FLAG_INBOUND},
+    socket::{SOCKET_FLAG_CACHED, SOCKET_FLAG_CREATED, SOCKET_FLAG_INBOUND, SocketState},
     v4_mapped,
 };
 
 use crate::verdict::{
-    Decision, Flow, Task, cache_verdict, cached_verdict, count, evaluate, report, send_event,
-    settings, socket_state, socket_workload, workload_config,
+    Decision, Flow, Task, cache_verdict, cached_verdict, count, evaluate, existing_socket_state,
+    report, send_event, settings, socket_state, socket_workload, workload_config,
 };
 
 const ALLOW: i32 = 1;
@@ -140,6 +144,19 @@ fn check_sock_addr(ctx: &SockAddrContext, ipv6: bool, hook: u32) -> i32 {
     let Some(config) = workload_config(workload) else {
         return ALLOW;
     };
+    let key = flows::destination_key(workload, &flow);
+    if is_sendmsg
+        && let Some(state) = state.as_mut()
+        && let Some(verdict) = cached_verdict(state, &flow, settings.generation)
+    {
+        // More datagrams of a socket to the destination it last sent to: one attempt was
+        // counted already; only the writer may be new.
+        if verdict == VERDICT_DENY {
+            return REFUSE;
+        }
+        flows::note_sender(state, &key, task.tgid, task.tid, task.comm);
+        return ALLOW;
+    }
     let (verdict, reason) = evaluate(workload, &config, &flow);
     let decision = Decision {
         workload,
@@ -151,6 +168,9 @@ fn check_sock_addr(ctx: &SockAddrContext, ipv6: bool, hook: u32) -> i32 {
     report(&decision, &flow, &task);
     if let Some(state) = state {
         cache_verdict(state, &flow, settings.generation, verdict, reason);
+        if is_sendmsg && verdict != VERDICT_DENY {
+            flows::note_sender(state, &key, task.tgid, task.tid, task.comm);
+        }
     }
     if verdict == VERDICT_DENY {
         REFUSE
@@ -248,8 +268,22 @@ pub fn sock_ops(ctx: SockOpsContext) -> u32 {
 
 // ---- egress: the per-packet backstop (raw and ping sockets, passed sockets, anything else) ----
 
+/// Where the current task is available (kernels from 6.10 allow `bpf_get_current_pid_tgid`
+/// in every program type): data packets sent in process context name their writer.
 #[cgroup_skb(egress)]
 pub fn egress(ctx: SkBuffContext) -> i32 {
+    egress_packet::<true>(&ctx)
+}
+
+/// The same without the sending task, for kernels that refuse the helper here; userspace
+/// loads it when `egress` is rejected.
+#[cgroup_skb(egress)]
+pub fn egress_compat(ctx: SkBuffContext) -> i32 {
+    egress_packet::<false>(&ctx)
+}
+
+#[inline(always)]
+fn egress_packet<const WITH_TASK: bool>(ctx: &SkBuffContext) -> i32 {
     let skb = ctx.skb.skb;
     // SAFETY: the context pointer is valid for the program's run.
     let sk = unsafe { (*skb).__bindgen_anon_2.sk };
@@ -272,19 +306,19 @@ pub fn egress(ctx: SkBuffContext) -> i32 {
     };
     // Connected TCP: the socket names the peer, so no packet loads on the per-packet path
     // (except DNS over TCP, whose queries are read from the payload).
-    let parsed = if socket_type == SOCK_STREAM
+    let tcp_fast_path = socket_type == SOCK_STREAM
         && protocol == u32::from(verdict::IPPROTO_TCP)
-        && dst_port != dns::DNS_PORT
-    {
+        && dst_port != dns::DNS_PORT;
+    let parsed = if tcp_fast_path {
         // SAFETY: full is a valid full socket.
         unsafe { packet::from_tcp_socket(full) }
     } else {
-        packet::parse(&ctx)
+        packet::parse(ctx)
     };
     // SAFETY: full is a full socket, which cgroup_skb may pass to bpf_sk_storage_get.
     let Some(state) = (unsafe { socket_state(full.cast::<c_void>()) }) else {
         count(COUNTER_STORAGE_FAILURES);
-        return egress_without_state(&ctx, &parsed.flow);
+        return egress_without_state(ctx, &parsed.flow);
     };
     // Kernel control traffic (resets, ICMP errors and echo replies, neighbour discovery) comes
     // from the kernel's own sockets, which never pass through sock_create. A raw socket a
@@ -295,7 +329,7 @@ pub fn egress(ctx: SkBuffContext) -> i32 {
         return ALLOW;
     }
     if parsed.flow.has_port && parsed.flow.dst_port == dns::DNS_PORT {
-        dns::record_query(&ctx, &parsed, full.cast::<c_void>());
+        dns::record_query(ctx, &parsed, full.cast::<c_void>());
     }
     // SAFETY: full is a valid full socket.
     let sk_state = unsafe { (*full).state };
@@ -305,11 +339,13 @@ pub fn egress(ctx: SkBuffContext) -> i32 {
     let settings = settings();
     if let Some(verdict) = cached_verdict(state, &parsed.flow, settings.generation) {
         count(COUNTER_CACHE_HITS);
-        return if verdict == VERDICT_DENY {
-            REFUSE
-        } else {
-            ALLOW
-        };
+        if verdict == VERDICT_DENY {
+            return REFUSE;
+        }
+        if state.workload != NO_WORKLOAD {
+            account_sent::<WITH_TASK>(ctx, state, &parsed, tcp_fast_path);
+        }
+        return ALLOW;
     }
     // The packet's cgroup is the socket's: authoritative even for passed sockets.
     let workload = socket_workload(state, &settings, |level| {
@@ -349,9 +385,41 @@ pub fn egress(ctx: SkBuffContext) -> i32 {
     );
     cache_verdict(state, &parsed.flow, settings.generation, verdict, reason);
     if verdict == VERDICT_DENY {
-        REFUSE
+        return REFUSE;
+    }
+    account_sent::<WITH_TASK>(ctx, state, &parsed, tcp_fast_path);
+    ALLOW
+}
+
+/// Adds an allowed packet to its flow summary and, where the current task is known and the
+/// packet carries data, notes a new writer. Softirq transmissions (ACKs, retransmits) run
+/// under whatever task was interrupted: bare ACKs are skipped here, and userspace keeps a
+/// writer only if it belongs to the flow's workload.
+#[inline(always)]
+fn account_sent<const WITH_TASK: bool>(
+    ctx: &SkBuffContext,
+    state: &mut SocketState,
+    parsed: &packet::Parsed,
+    tcp_fast_path: bool,
+) {
+    let key = flows::cached_key(state);
+    flows::account_sent(&key, ctx.len());
+    if !WITH_TASK {
+        return;
+    }
+    // SAFETY: helper without preconditions (allowed in cgroup_skb from 6.10).
+    let pid_tgid = unsafe { bpf_get_current_pid_tgid() };
+    let tid = pid_tgid as u32;
+    if tid == 0 || tid == state.sender_tid {
+        return;
+    }
+    let carries_data = if tcp_fast_path {
+        packet::tcp_carries_data(ctx)
     } else {
-        ALLOW
+        packet::carries_payload(ctx, parsed)
+    };
+    if carries_data {
+        flows::note_sender(state, &key, (pid_tgid >> 32) as u32, tid, [0; 16]);
     }
 }
 
@@ -380,30 +448,77 @@ fn egress_without_state(ctx: &SkBuffContext, flow: &Flow) -> i32 {
 
 // ---- ingress: DNS answers to workloads become allowed addresses (FQDN rules) ----
 
+// ---- ingress: bytes received by governed flows; DNS answers become allowed addresses ----
+
 #[cgroup_skb(ingress)]
 pub fn ingress(ctx: SkBuffContext) -> i32 {
     // Ingress never drops: it only observes.
-    dns_answer(&ctx);
-    ALLOW
-}
-
-#[inline(always)]
-fn dns_answer(ctx: &SkBuffContext) {
-    let parsed = packet::parse(ctx);
-    if !parsed.valid || !parsed.flow.has_port || parsed.flow.src_port != dns::DNS_PORT {
-        return;
-    }
     let skb = ctx.skb.skb;
     // SAFETY: the context pointer is valid for the program's run.
     let sk = unsafe { (*skb).__bindgen_anon_2.sk };
     if sk.is_null() {
-        return;
+        return ALLOW;
     }
     // SAFETY: sk comes from the context.
     let full = unsafe { bpf_sk_fullsock(sk) };
     if full.is_null() {
-        return;
+        return ALLOW;
     }
+    // SAFETY: full is a valid full socket.
+    let (socket_type, protocol, dst_port) = unsafe {
+        (
+            (*full).type_,
+            (*full).protocol,
+            u16::from_be((*full).dst_port),
+        )
+    };
+    // SAFETY: full is a full socket, which cgroup_skb may pass to bpf_sk_storage_get.
+    let state = unsafe { existing_socket_state(full.cast::<c_void>()) };
+    if socket_type == SOCK_STREAM
+        && protocol == u32::from(verdict::IPPROTO_TCP)
+        && dst_port != dns::DNS_PORT
+    {
+        // Connected TCP: everything arriving is from the peer the verdict was cached for.
+        if let Some(state) = state
+            && receiving_flow(state)
+        {
+            flows::account_received(&flows::cached_key(state), ctx.len());
+        }
+        return ALLOW;
+    }
+    let parsed = packet::parse(&ctx);
+    if !parsed.valid {
+        return ALLOW;
+    }
+    if let Some(state) = state
+        && receiving_flow(state)
+        && parsed.flow.src == state.cached_addr
+        && (!parsed.flow.has_port || parsed.flow.src_port == state.cached_port)
+    {
+        flows::account_received(&flows::cached_key(state), ctx.len());
+    }
+    if parsed.flow.has_port && parsed.flow.src_port == dns::DNS_PORT {
+        dns_answer(&ctx, &parsed, full);
+    }
+    ALLOW
+}
+
+/// Whether the socket's cached verdict is an allowed outbound flow of a workload.
+#[inline(always)]
+fn receiving_flow(state: &SocketState) -> bool {
+    state.flags & SOCKET_FLAG_CACHED != 0
+        && state.flags & SOCKET_FLAG_INBOUND == 0
+        && state.workload != NO_WORKLOAD
+        && state.cached_verdict != VERDICT_DENY
+}
+
+#[inline(always)]
+fn dns_answer(
+    ctx: &SkBuffContext,
+    parsed: &packet::Parsed,
+    full: *mut aya_ebpf::bindings::bpf_sock,
+) {
+    let skb = ctx.skb.skb;
     let settings = settings();
     let ancestor = |level| {
         // SAFETY: skb is the context.
@@ -417,7 +532,7 @@ fn dns_answer(ctx: &SkBuffContext) {
     if workload_config(workload).is_none() {
         return;
     }
-    dns::handle_answer(ctx, &parsed, full.cast::<c_void>(), workload);
+    dns::handle_answer(ctx, parsed, full.cast::<c_void>(), workload);
 }
 
 #[cfg(not(target_arch = "bpf"))]

@@ -3,7 +3,7 @@
 use aya_ebpf::{
     btf_maps::SkStorage,
     macros::{btf_map, map},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
 use egressd_common::{
     event::{
@@ -13,7 +13,7 @@ use egressd_common::{
         AllowKey, AllowValue, DenyKey, MAX_ALLOW_ENTRIES, MAX_DENY_ENTRIES, MAX_WORKLOAD_CGROUPS,
         MAX_WORKLOADS, Settings, WorkloadConfig,
     },
-    socket::{DestinationKey, MAX_SEEN_DESTINATIONS, SocketState},
+    socket::SocketState,
 };
 
 /// Cgroup id (kernfs inode) of a workload's own cgroup → workload id.
@@ -34,11 +34,6 @@ pub static ALLOW: LpmTrie<AllowKey, AllowValue> = LpmTrie::with_max_entries(MAX_
 /// Prefixes denied for every workload (`defaults.deny`).
 #[map]
 pub static DENY: LpmTrie<DenyKey, u32> = LpmTrie::with_max_entries(MAX_DENY_ENTRIES, 0);
-
-/// Destinations already reported, so each is announced once.
-#[map]
-pub static SEEN: LruHashMap<DestinationKey, u64> =
-    LruHashMap::with_max_entries(MAX_SEEN_DESTINATIONS, 0);
 
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BUFFER_BYTES, 0);

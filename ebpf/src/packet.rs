@@ -217,3 +217,31 @@ pub fn parse(ctx: &SkBuffContext) -> Parsed {
     }
     parsed
 }
+
+/// Whether a TCP packet carries data (not a bare ACK), from its IP and TCP header lengths.
+/// IPv6 extension headers are not walked: TCP segments rarely carry them, and the answer
+/// only decides whether the sending task is worth recording.
+#[inline(always)]
+pub fn tcp_carries_data(ctx: &SkBuffContext) -> bool {
+    let Ok(first) = ctx.load::<u8>(0) else {
+        return false;
+    };
+    let ip_header = if first >> 4 == 4 {
+        usize::from(first & 0x0f) * 4
+    } else {
+        40
+    };
+    // Bounded for the verifier: an IPv4 header is at most 60 bytes.
+    let ip_header = ip_header & 0x7f;
+    let Ok(data_offset) = ctx.load::<u8>(ip_header + 12) else {
+        return false;
+    };
+    let headers = ip_header + usize::from(data_offset >> 4) * 4;
+    ctx.len() as usize > headers
+}
+
+/// Whether a parsed packet carries transport payload (UDP data, TCP data).
+#[inline(always)]
+pub fn carries_payload(ctx: &SkBuffContext, parsed: &Parsed) -> bool {
+    parsed.payload_offset != 0 && ctx.len() as usize > parsed.payload_offset
+}

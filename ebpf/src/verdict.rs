@@ -3,7 +3,7 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE},
+    bindings::BPF_SK_STORAGE_GET_F_CREATE,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
         generated::bpf_sk_storage_get,
@@ -23,15 +23,12 @@ use egressd_common::{
         MAX_CGROUP_DEPTH, MAX_PORT_RULES, MODE_AUDIT, MODE_LEARNING, NO_WORKLOAD, PROTOCOL_ANY,
         PROTOCOL_ICMP_ANY, Settings, WORKLOAD_FLAG_ACTIVE, WorkloadConfig,
     },
-    socket::{
-        DestinationKey, SOCKET_FLAG_CACHED, SOCKET_FLAG_FQDN_ALLOWED, SOCKET_FLAG_RESOLVED,
-        SocketState,
-    },
+    socket::{SOCKET_FLAG_CACHED, SOCKET_FLAG_FQDN_ALLOWED, SOCKET_FLAG_RESOLVED, SocketState},
 };
 
 use crate::maps::{
-    ALLOW, COUNTERS, DECISION_COUNTERS, DENY, EVENTS, SEEN, SETTINGS, SOCKET_STATE,
-    WORKLOAD_CGROUPS, WORKLOADS,
+    ALLOW, COUNTERS, DECISION_COUNTERS, DENY, EVENTS, SETTINGS, SOCKET_STATE, WORKLOAD_CGROUPS,
+    WORKLOADS,
 };
 
 pub const IPPROTO_ICMP: u8 = 1;
@@ -169,6 +166,21 @@ pub unsafe fn socket_state(sk: *mut c_void) -> Option<&'static mut SocketState> 
     }
     .cast::<SocketState>();
     // SAFETY: the kernel returns either NULL or a valid, zero-initialised value.
+    unsafe { state.as_mut() }
+}
+
+/// The socket's storage if it has any (never creates it: for packets of sockets that are
+/// not necessarily governed).
+///
+/// # Safety
+/// As for [`socket_state`].
+#[inline(always)]
+pub unsafe fn existing_socket_state(sk: *mut c_void) -> Option<&'static mut SocketState> {
+    let map = (&raw const SOCKET_STATE).cast_mut().cast::<c_void>();
+    // SAFETY: map is our SK_STORAGE map; the caller vouches for sk.
+    let state =
+        unsafe { bpf_sk_storage_get(map, sk, core::ptr::null_mut(), 0) }.cast::<SocketState>();
+    // SAFETY: the kernel returns either NULL or a valid value.
     unsafe { state.as_mut() }
 }
 
@@ -316,24 +328,6 @@ pub fn evaluate(workload: u32, config: &WorkloadConfig, flow: &Flow) -> (u8, u32
     }
 }
 
-/// Whether the destination is new for the workload (and remembers it).
-#[inline(always)]
-fn first_sight(workload: u32, flow: &Flow, now: u64) -> bool {
-    let key = DestinationKey {
-        workload,
-        port: if flow.has_port { flow.dst_port } else { 0 },
-        protocol: flow.protocol,
-        reserved: 0,
-        addr: flow.dst,
-    };
-    if SEEN.get_ptr(key).is_some() {
-        return false;
-    }
-    // A racing CPU may insert first; then both report, which is harmless.
-    let _ = SEEN.insert(key, now, u64::from(BPF_NOEXIST));
-    true
-}
-
 pub struct Decision {
     pub workload: u32,
     pub mode: u32,
@@ -342,10 +336,15 @@ pub struct Decision {
     pub hook: u32,
 }
 
-/// Counts the decision and sends the events it calls for.
+/// Counts the decision (per workload, and in the destination's flow summary) and sends the
+/// events it calls for: every refusal, and the first sight of an allowed destination.
 #[inline(always)]
 pub fn report(decision: &Decision, flow: &Flow, task: &Task) {
     count_decision(decision.workload, flow.protocol, decision.verdict);
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let key = crate::flows::destination_key(decision.workload, flow);
+    let new_destination = crate::flows::record_decision(&key, decision.verdict, task, now);
     let kind = match decision.verdict {
         VERDICT_DENY => {
             count(COUNTER_DENIED);
@@ -357,9 +356,7 @@ pub fn report(decision: &Decision, flow: &Flow, task: &Task) {
         }
         _ => {
             count(COUNTER_ALLOWED);
-            // SAFETY: helper without preconditions.
-            let now = unsafe { bpf_ktime_get_ns() };
-            if !first_sight(decision.workload, flow, now) {
+            if !new_destination {
                 return;
             }
             EVENT_NEW_DESTINATION

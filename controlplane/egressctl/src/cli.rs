@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use egressd_proto::DEFAULT_SOCKET;
 
-use crate::cmd::{check, dns, events, mode, reload, status};
+use crate::cmd::{check, diff, dns, events, export, mode, observed, reload, status, suggest};
 
 /// Control and inspect egressd, the eBPF egress firewall.
 #[derive(Debug, Parser)]
@@ -41,6 +41,14 @@ pub enum Command {
     Events(events::Args),
     /// Show the names workloads resolved through fqdn rules and their addresses.
     Dns(dns::Args),
+    /// Show what each workload contacted, most important first (from the observation store).
+    Observed(observed::Args),
+    /// Print policy.toml [[workload]] blocks that allow exactly what was observed.
+    Suggest(suggest::Args),
+    /// List observed destinations the policy does not allow (exit 1 if any, 2 on error).
+    Diff(diff::Args),
+    /// Write the policy as Kubernetes NetworkPolicy or CiliumNetworkPolicy YAML.
+    Export(export::Args),
 }
 
 #[cfg(test)]

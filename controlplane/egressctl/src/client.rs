@@ -110,6 +110,7 @@ fn kind(response: &Response) -> &'static str {
         Response::Event(_) => "event",
         Response::EndOfEvents => "end_of_events",
         Response::Dns(_) => "dns",
+        Response::Flushed(_) => "flushed",
     }
 }
 

@@ -44,6 +44,18 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// An error and its causes on one line each joined by `: ` (policy diagnostics keep
+/// their own lines).
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text = format!("{text}: {cause}");
+        source = cause.source();
+    }
+    text.trim_end().to_owned()
+}
+
 /// `1 workload`, `2 workloads`.
 pub fn count(n: usize, noun: &str) -> String {
     if n == 1 {

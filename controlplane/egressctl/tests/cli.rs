@@ -173,6 +173,7 @@ fn status_report() -> StatusReport {
             dns_answer_drops: 0,
             dns_resolvers: Vec::new(),
         },
+        observe: None,
     }
 }
 
@@ -198,9 +199,9 @@ fn event(kind: EventKind, destination: &str) -> EventRecord {
 
 #[test]
 fn status_human() {
-    let daemon = FakeDaemon::start(vec![Script::Answer(vec![
-        Response::Status(status_report()),
-    ])]);
+    let daemon = FakeDaemon::start(vec![Script::Answer(vec![Response::Status(Box::new(
+        status_report(),
+    ))])]);
     let output = daemon.run(&["status"]);
     assert_exit(&output, 0);
     let text = stdout(&output);
@@ -221,9 +222,9 @@ fn status_human() {
 
 #[test]
 fn status_json_is_the_report() {
-    let daemon = FakeDaemon::start(vec![Script::Answer(vec![
-        Response::Status(status_report()),
-    ])]);
+    let daemon = FakeDaemon::start(vec![Script::Answer(vec![Response::Status(Box::new(
+        status_report(),
+    ))])]);
     let output = daemon.run(&["status", "--json"]);
     assert_exit(&output, 0);
     let report: StatusReport = serde_json::from_str(&stdout(&output)).expect("status JSON");

@@ -25,6 +25,7 @@ pub struct Shared {
     pub events: EventHub,
     /// Group whose members may use the control socket besides root.
     pub socket_group: Option<u32>,
+    pub recorder: crate::recorder::Handle,
 }
 
 /// Binds the socket: mode 0600 (0660 owned by `group` when one is configured), parent
@@ -163,8 +164,16 @@ async fn handle(stream: UnixStream, shared: &Shared) -> anyhow::Result<()> {
         }
         match request {
             Request::Status => {
-                let report = lock(shared)?.status();
-                send(&mut writer, &Response::Status(report)).await?;
+                let mut report = lock(shared)?.status();
+                report.observe = shared.recorder.status();
+                send(&mut writer, &Response::Status(Box::new(report))).await?;
+            }
+            Request::Flush => {
+                let response = match shared.recorder.flush().await {
+                    Ok(report) => Response::Flushed(report),
+                    Err(message) => Response::Error { message },
+                };
+                send(&mut writer, &response).await?;
             }
             Request::Reload => {
                 let response = match lock(shared)?.reload() {

@@ -304,6 +304,50 @@ impl Engine {
             .collect();
     }
 
+    /// The kernel's flow summaries named for the recorder, with what it needs to judge them.
+    pub fn flow_snapshot(&mut self) -> anyhow::Result<crate::recorder::FlowSnapshot> {
+        let summaries = self.datapath.flow_summaries()?;
+        let names: BTreeMap<u32, &String> = self.ids.iter().map(|(name, &id)| (id, name)).collect();
+        let flows = summaries
+            .into_iter()
+            .filter_map(|summary| {
+                // A workload removed by a reload: its summaries have no name any more.
+                let workload = (*names.get(&summary.workload)?).clone();
+                let dns_name = self.dns_name_for(summary.workload, summary.address);
+                Some(crate::recorder::NamedFlow {
+                    summary,
+                    workload,
+                    dns_name,
+                })
+            })
+            .collect();
+        // Paths as /proc/PID/cgroup writes them: from the cgroup v2 mount, with a leading /.
+        let workload_cgroups = self
+            .cgroup_paths
+            .iter()
+            .filter_map(|(id, paths)| {
+                let name = (*names.get(id)?).clone();
+                let dirs = paths
+                    .iter()
+                    .map(|path| PathBuf::from("/").join(path.trim_start_matches('/')))
+                    .collect();
+                Some((name, dirs))
+            })
+            .collect();
+        let insert_failures = self
+            .datapath
+            .counters()
+            .map(|counters| counters.flow_insert_failures + counters.ring_buffer_drops)
+            .unwrap_or_default();
+        Ok(crate::recorder::FlowSnapshot {
+            flows,
+            workload_cgroups,
+            settings: self.policy.observe.clone(),
+            capacity: egressd_datapath::MAX_FLOWS,
+            insert_failures,
+        })
+    }
+
     /// Names recent answers gave for `addr`, newest first (labels events).
     pub fn dns_name_for(&self, workload: u32, addr: IpAddr) -> Option<String> {
         self.dns.names_for(workload, addr).into_iter().next()
@@ -535,6 +579,8 @@ impl Engine {
                 dns_answer_drops: counters.dns_answer_drops,
                 dns_resolvers: self.resolvers.iter().map(IpAddr::to_string).collect(),
             },
+            // Filled in by the control socket from the recorder.
+            observe: None,
         }
     }
 }

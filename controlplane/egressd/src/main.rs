@@ -7,6 +7,7 @@ mod engine;
 mod events;
 mod metrics;
 mod modes;
+mod recorder;
 
 use std::io::IsTerminal as _;
 use std::sync::{Arc, Mutex};
@@ -91,12 +92,16 @@ async fn run(args: Args, json: bool) -> anyhow::Result<()> {
     if let Some(kernel_log) = datapath.take_kernel_log() {
         tokio::spawn(kernel_log.run());
     }
+    let observe_settings = policy.observe.clone();
     let engine = Engine::new(datapath, policy, modes, args.config.clone())?;
+    let (recorder, unstarted_recorder) = recorder::create(&args.state_dir, observe_settings);
     let shared = Arc::new(Shared {
         engine: Mutex::new(engine),
         events: EventHub::new(json),
         socket_group,
+        recorder: recorder.clone(),
     });
+    let recorder_thread = unstarted_recorder.start(shared.clone())?;
 
     // One task reads both rings: DNS answers are learned before the events that follow them
     // are labelled (the kernel hands over an answer before its socket sees it, so before any
@@ -156,6 +161,8 @@ async fn run(args: Args, json: bool) -> anyhow::Result<()> {
         }
     }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    // What the kernel summarised since the last flush is written before leaving.
+    recorder::stop(&recorder, recorder_thread);
     let _ = std::fs::remove_file(&args.socket);
     Ok(())
 }
@@ -169,6 +176,30 @@ fn group_id(group: &str) -> anyhow::Result<u32> {
         Ok(Some(found)) => Ok(found.gid.as_raw()),
         Ok(None) => anyhow::bail!("--socket-group {group}: no such group"),
         Err(e) => anyhow::bail!("--socket-group {group}: looking it up failed: {e}"),
+    }
+}
+
+/// What an event tells the observation recorder: a destination exists (in case its kernel
+/// summary is evicted before a flush reads it).
+fn sighting(
+    event: &egressd_datapath::Event,
+    workload: &str,
+    address: std::net::IpAddr,
+    dns_name: Option<String>,
+) -> recorder::Sighting {
+    let port = matches!(event.protocol, 6 | 17)
+        .then_some(event.destination_port)
+        .flatten();
+    recorder::Sighting {
+        key: egressd_observe::FlowKey::new(workload, address, port, event.protocol),
+        at: event.time,
+        verdict: match event.verdict {
+            egressd_datapath::Verdict::Allow => egressd_observe::SampleVerdict::Allowed,
+            egressd_datapath::Verdict::Deny => egressd_observe::SampleVerdict::Denied,
+            egressd_datapath::Verdict::WouldDeny => egressd_observe::SampleVerdict::WouldDeny,
+        },
+        dns_name,
+        process: Some(egressd_observe::Process::new(event.comm.clone(), None)),
     }
 }
 
@@ -214,16 +245,24 @@ async fn kernel_records(
         if expire {
             engine.expire_addresses();
         }
+        let mut sightings = Vec::new();
         let records: Vec<_> = event_batch
             .iter()
             .map(|event| {
                 let dns_name = event
                     .destination
                     .and_then(|addr| engine.dns_name_for(event.workload, addr));
-                events::record(event, engine.workload_name(event.workload), dns_name)
+                let workload = engine.workload_name(event.workload);
+                if let (Some(name), Some(address)) = (&workload, event.destination) {
+                    sightings.push(sighting(event, name, address, dns_name.clone()));
+                }
+                events::record(event, workload, dns_name)
             })
             .collect();
         drop(engine);
+        for sighting in sightings {
+            shared.recorder.sighting(sighting);
+        }
         for record in records {
             shared.events.publish(record);
         }

@@ -16,9 +16,11 @@ use crate::error::{Diagnostic, Location, PolicyError, SourceMap};
 use crate::fqdn::FqdnPattern;
 use crate::model::{
     AllowRule, Defaults, Destination, DnsSettings, HOST_WORKLOAD, MAX_WORKLOADS, MetricsSettings,
-    Policy, PolicySource, Workload,
+    ObserveSettings, Policy, PolicySource, Workload,
 };
-use crate::raw::{RawAllow, RawDns, RawDuration, RawMetrics, RawPolicy, RawPort, RawWorkload};
+use crate::raw::{
+    RawAllow, RawDns, RawDuration, RawMetrics, RawObserve, RawPolicy, RawPort, RawWorkload,
+};
 use crate::types::{Mode, PortRange, Protocol, Unmatched};
 
 const MAX_NAME_LEN: usize = 64;
@@ -139,12 +141,14 @@ impl Compiler<'_> {
             .collect();
         let dns = self.dns(raw.dns);
         let metrics = self.metrics(raw.metrics);
+        let observe = self.observe(raw.observe);
         let workloads = self.workloads(raw.workloads);
         Policy {
             mode,
             defaults: Defaults { unmatched, deny },
             dns,
             metrics,
+            observe,
             workloads,
             source,
         }
@@ -176,6 +180,60 @@ impl Compiler<'_> {
         MetricsSettings {
             enabled: raw.enabled.unwrap_or(defaults.enabled),
             listen,
+        }
+    }
+
+    fn observe(&mut self, raw: RawObserve) -> ObserveSettings {
+        let defaults = ObserveSettings::default();
+        let flush_interval = raw
+            .flush_interval
+            .and_then(|value| {
+                let span = value.span();
+                let interval = self.duration(value, "flush_interval")?;
+                let (min, max) = (
+                    ObserveSettings::MIN_FLUSH_INTERVAL,
+                    ObserveSettings::MAX_FLUSH_INTERVAL,
+                );
+                if (min..=max).contains(&interval) {
+                    Some(interval)
+                } else {
+                    self.error(
+                        span,
+                        format!("flush_interval = {interval:?} is out of range: expected {min:?} to {max:?}"),
+                    );
+                    None
+                }
+            })
+            .unwrap_or(defaults.flush_interval);
+        let retention_days = raw
+            .retention_days
+            .and_then(|value| self.non_negative(&value, "retention_days"))
+            .map_or(defaults.retention_days, |days| {
+                u32::try_from(days).unwrap_or(u32::MAX)
+            });
+        let max_rows = raw
+            .max_rows
+            .and_then(|value| self.non_negative(&value, "max_rows"))
+            .unwrap_or(defaults.max_rows);
+        ObserveSettings {
+            enabled: raw.enabled.unwrap_or(defaults.enabled),
+            flush_interval,
+            retention_days,
+            max_rows,
+        }
+    }
+
+    /// A count that must be zero or more.
+    fn non_negative(&mut self, value: &Spanned<i64>, what: &str) -> Option<u64> {
+        match u64::try_from(*value.get_ref()) {
+            Ok(n) => Some(n),
+            Err(_) => {
+                self.error(
+                    value.span(),
+                    format!("{what} = {} must not be negative", value.get_ref()),
+                );
+                None
+            }
         }
     }
 

@@ -26,8 +26,40 @@ pub struct Policy {
     pub defaults: Defaults,
     pub dns: DnsSettings,
     pub metrics: MetricsSettings,
+    pub observe: ObserveSettings,
     pub workloads: Vec<Workload>,
     pub source: PolicySource,
+}
+
+/// `[observe]`: the durable record of what workloads contacted (`egressctl observed`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObserveSettings {
+    /// Off switch. Default on.
+    pub enabled: bool,
+    /// How often the kernel's flow summaries are written to the store: what a crash can
+    /// lose at most. Default 5 s.
+    pub flush_interval: Duration,
+    /// Destinations not seen for this many days are forgotten (0: never). Default 30.
+    pub retention_days: u32,
+    /// At most this many destinations are kept, least recently seen dropped first
+    /// (0: no limit). Default 1,000,000.
+    pub max_rows: u64,
+}
+
+impl ObserveSettings {
+    pub const MIN_FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+    pub const MAX_FLUSH_INTERVAL: Duration = Duration::from_secs(3600);
+}
+
+impl Default for ObserveSettings {
+    fn default() -> Self {
+        ObserveSettings {
+            enabled: true,
+            flush_interval: Duration::from_secs(5),
+            retention_days: 30,
+            max_rows: 1_000_000,
+        }
+    }
 }
 
 /// `[metrics]`: the Prometheus endpoint.

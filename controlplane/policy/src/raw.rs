@@ -17,6 +17,7 @@ pub(crate) struct RawPolicy {
     pub defaults: RawDefaults,
     pub dns: RawDns,
     pub metrics: RawMetrics,
+    pub observe: RawObserve,
     #[serde(rename = "workload")]
     pub workloads: Vec<Spanned<RawWorkload>>,
 }
@@ -33,6 +34,15 @@ pub(crate) struct RawDefaults {
 pub(crate) struct RawMetrics {
     pub enabled: Option<bool>,
     pub listen: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct RawObserve {
+    pub enabled: Option<bool>,
+    pub flush_interval: Option<Spanned<RawDuration>>,
+    pub retention_days: Option<Spanned<i64>>,
+    pub max_rows: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

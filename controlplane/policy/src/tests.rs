@@ -987,3 +987,46 @@ fn syntax_errors_print_on_one_line_each() {
         assert!(printed.starts_with("broken.toml:1:"), "{printed:?}");
     }
 }
+
+#[test]
+fn observe_section_defaults_overrides_and_errors() {
+    let default = ok("");
+    assert_eq!(default.observe, ObserveSettings::default());
+    assert_eq!(default.observe.flush_interval, Duration::from_secs(5));
+    let custom = ok(
+        "[observe]\nenabled = false\nflush_interval = \"1s\"\nretention_days = 3\nmax_rows = 500\n",
+    );
+    assert!(!custom.observe.enabled);
+    assert_eq!(custom.observe.flush_interval, Duration::from_secs(1));
+    assert_eq!(custom.observe.retention_days, 3);
+    assert_eq!(custom.observe.max_rows, 500);
+    for (text, needle, expected) in [
+        (
+            "[observe]\nretention_days = -1\n",
+            "-1",
+            "retention_days = -1 must not be negative",
+        ),
+        (
+            "[observe]\nmax_rows = -5\n",
+            "-5",
+            "max_rows = -5 must not be negative",
+        ),
+        (
+            "[observe]\nflush_interval = \"2h\"\n",
+            "\"2h\"",
+            "flush_interval = 7200s is out of range",
+        ),
+        (
+            "[observe]\nflush_interval = \"soon\"\n",
+            "\"soon\"",
+            "invalid flush_interval \"soon\"",
+        ),
+        (
+            "[observe]\nretention = 3\n",
+            "retention",
+            "unknown field `retention`",
+        ),
+    ] {
+        assert_error(text, needle, expected);
+    }
+}

@@ -50,6 +50,9 @@ pub enum Request {
         #[serde(default)]
         workload: Option<String>,
     },
+    /// Writes the kernel's flow summaries to the observation store now, so that a reader
+    /// of the store sees everything up to this moment. Answered by [`Response::Flushed`].
+    Flush,
 }
 
 /// The mode a `set_mode` request asks for.
@@ -126,7 +129,7 @@ impl FromStr for ModeSetting {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "response", rename_all = "snake_case")]
 pub enum Response {
-    Status(StatusReport),
+    Status(Box<StatusReport>),
     /// The request was carried out; `message` says what changed.
     Done {
         message: String,
@@ -139,6 +142,40 @@ pub enum Response {
     /// No more events follow (the end of the backlog of a non-follow request).
     EndOfEvents,
     Dns(DnsReport),
+    Flushed(FlushReport),
+}
+
+/// The outcome of [`Request::Flush`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlushReport {
+    /// The observation store's file (readers open it read-only).
+    pub store: String,
+    /// Flow samples written by this flush.
+    pub samples: u64,
+}
+
+/// The observation store as `egressctl status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObserveStatus {
+    pub enabled: bool,
+    pub store: String,
+    pub flush_interval_ms: u64,
+    /// RFC 3339 time of the last successful flush.
+    pub last_flush: Option<String>,
+    /// Flushes that failed, and the last failure (cleared by a successful flush).
+    pub flush_failures: u64,
+    pub last_error: Option<String>,
+    /// Samples written since the daemon started.
+    pub samples_written: u64,
+    /// Flow summaries the kernel holds now, and how many it can hold.
+    pub kernel_flows: u64,
+    pub kernel_flow_capacity: u64,
+    /// Summaries the kernel could not create, and events lost to a full ring buffer: the
+    /// destinations they concern may be missing from the store.
+    pub kernel_flow_insert_failures: u64,
+    /// Destinations known only from their first-sight event (their kernel summary was
+    /// evicted before a flush could read it).
+    pub recovered_from_events: u64,
 }
 
 /// What `egressctl status` shows.
@@ -155,6 +192,9 @@ pub struct StatusReport {
     pub unmatched: String,
     pub workloads: Vec<WorkloadStatus>,
     pub datapath: DatapathStatus,
+    /// Absent from daemons that predate the observation store.
+    #[serde(default)]
+    pub observe: Option<ObserveStatus>,
 }
 
 /// The policy in force and the outcome of the last reload.
@@ -412,6 +452,7 @@ pub(crate) mod tests {
                 dns_answer_drops: 0,
                 dns_resolvers: Vec::new(),
             },
+            observe: None,
         }
     }
 
@@ -448,8 +489,8 @@ pub(crate) mod tests {
         let mut would_deny = sample_event();
         would_deny.kind = EventKind::WouldDeny;
         vec![
-            Response::Status(sample_status()),
-            Response::Status(no_error),
+            Response::Status(Box::new(sample_status())),
+            Response::Status(Box::new(no_error)),
             Response::Done {
                 message: "reloaded".into(),
             },
@@ -503,7 +544,8 @@ pub(crate) mod tests {
         assert_eq!(event["response"], "event");
         assert_eq!(event["kind"], "denied");
         assert_eq!(event["mode"], "strict");
-        let status = serde_json::to_value(Response::Status(sample_status())).expect("serialize");
+        let status =
+            serde_json::to_value(Response::Status(Box::new(sample_status()))).expect("serialize");
         assert_eq!(status["response"], "status");
         assert_eq!(status["default_mode"]["source"], "file");
         assert_eq!(status["workloads"][0]["mode_source"], "command");

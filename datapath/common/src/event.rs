@@ -78,6 +78,8 @@ pub const COUNTER_DNS_REJECTED: u32 = 9;
 /// Addresses the kernel allowed straight from an answer.
 pub const COUNTER_FQDN_INSERTS: u32 = 10;
 pub const COUNTER_FQDN_INSERT_FAILURES: u32 = 11;
+/// Flow summaries that could not be created (the first sight is still reported as an event).
+pub const COUNTER_FLOW_INSERT_FAILURES: u32 = 12;
 pub const COUNTERS_LEN: u32 = 16;
 
 /// DNS payload bytes copied per answer: above the 1232-byte EDNS size resolvers use over UDP.

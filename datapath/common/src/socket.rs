@@ -36,11 +36,13 @@ pub struct SocketState {
     pub cached_protocol: u8,
     /// A `crate::event::VERDICT_*` code.
     pub cached_verdict: u8,
-    pub reserved: u32,
+    /// Thread that last sent data on the socket (0: none seen), so that the flow summary is
+    /// told only when the writer changes.
+    pub sender_tid: u32,
 }
 const _: () = assert!(core::mem::size_of::<SocketState>() == 72);
 
-/// Key of the seen-destinations map: one entry per workload, protocol, port and address, so
+/// Key of the flow summaries (`FLOWS`): one entry per workload, protocol, port and address, so
 /// "new destination" events are sent once per destination, not once per packet.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -52,8 +54,6 @@ pub struct DestinationKey {
     pub addr: Addr,
 }
 const _: () = assert!(core::mem::size_of::<DestinationKey>() == 24);
-
-pub const MAX_SEEN_DESTINATIONS: u32 = 65536;
 
 #[cfg(feature = "user")]
 mod pod {

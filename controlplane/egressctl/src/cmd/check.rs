@@ -25,13 +25,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         Err(err) => {
             // `FILE:LINE:COL: message` lines, which editors understand; an
             // unreadable file also names its cause.
-            let mut text = err.to_string();
-            let mut source = std::error::Error::source(&err);
-            while let Some(cause) = source {
-                text = format!("{text}: {cause}");
-                source = cause.source();
-            }
-            eprintln!("{}", text.trim_end());
+            eprintln!("{}", crate::text::error_chain(&err));
             return Ok(ExitCode::FAILURE);
         }
     };

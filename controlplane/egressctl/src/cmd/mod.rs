@@ -1,11 +1,16 @@
 //! One module per subcommand, each with its `Args` and a `run`.
 
 pub mod check;
+pub mod diff;
 pub mod dns;
 pub mod events;
+pub mod export;
 pub mod mode;
+mod observations;
+pub mod observed;
 pub mod reload;
 pub mod status;
+pub mod suggest;
 
 use std::process::ExitCode;
 
@@ -19,5 +24,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Check(args) => check::run(&args),
         Command::Events(args) => events::run(&cli.socket, &args),
         Command::Dns(args) => dns::run(&cli.socket, &args),
+        Command::Observed(args) => observed::run(&cli.socket, &args),
+        Command::Suggest(args) => suggest::run(&cli.socket, &args),
+        Command::Diff(args) => diff::run(&cli.socket, &args),
+        Command::Export(args) => export::run(&args),
     }
 }

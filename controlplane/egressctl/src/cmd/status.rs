@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::process::ExitCode;
 
-use egressd_proto::{ModeSource, Request, Response, StatusReport};
+use egressd_proto::{ModeSource, ObserveStatus, Request, Response, StatusReport};
 
 use crate::client::{Client, TIMEOUT, unexpected};
 use crate::text::{clean, print_report, table};
@@ -18,7 +18,7 @@ pub struct Args {
 
 pub fn run(socket: &Path, args: &Args) -> anyhow::Result<ExitCode> {
     let report = match Client::connect(socket, Some(TIMEOUT))?.call(&Request::Status)? {
-        Response::Status(report) => report,
+        Response::Status(report) => *report,
         other => return Err(unexpected(other)),
     };
     print_report(&report, args.json, format_status)?;
@@ -140,6 +140,52 @@ fn write_status(out: &mut String, report: &StatusReport) -> std::fmt::Result {
             datapath.ring_buffer_drops
         )?;
     }
+    if let Some(observe) = &report.observe {
+        write_observe(out, observe)?;
+    }
+    Ok(())
+}
+
+fn write_observe(out: &mut String, observe: &ObserveStatus) -> std::fmt::Result {
+    if !observe.enabled {
+        return writeln!(out, "observe:      off ([observe] enabled = false)");
+    }
+    writeln!(
+        out,
+        "observe:      store {}, flushed every {} ms, last {}; {} samples written",
+        clean(&observe.store),
+        observe.flush_interval_ms,
+        observe.last_flush.as_deref().unwrap_or("never"),
+        observe.samples_written
+    )?;
+    writeln!(
+        out,
+        "flows:        {} of {} kernel summaries in use; {} recovered from events",
+        observe.kernel_flows, observe.kernel_flow_capacity, observe.recovered_from_events
+    )?;
+    if observe.kernel_flows >= observe.kernel_flow_capacity && observe.kernel_flow_capacity > 0 {
+        writeln!(
+            out,
+            "warning:      the kernel's flow table is full: least recently used summaries are \
+             evicted (destinations are still recorded from their first-sight events)"
+        )?;
+    }
+    if observe.kernel_flow_insert_failures > 0 {
+        writeln!(
+            out,
+            "warning:      {} flow summaries or events were lost in the kernel: some \
+             destinations may be missing from the store",
+            observe.kernel_flow_insert_failures
+        )?;
+    }
+    if let Some(error) = &observe.last_error {
+        writeln!(
+            out,
+            "!! OBSERVATION STORE: {} (after {} failed flushes)",
+            clean(error),
+            observe.flush_failures
+        )?;
+    }
     Ok(())
 }
 
@@ -211,6 +257,19 @@ mod tests {
                 dns_answer_drops: 0,
                 dns_resolvers: Vec::new(),
             },
+            observe: Some(ObserveStatus {
+                enabled: true,
+                store: "/var/lib/egressd/observations.db".into(),
+                flush_interval_ms: 5000,
+                last_flush: Some("2026-11-23T09:01:00Z".into()),
+                flush_failures: 1,
+                last_error: Some("disk I/O error".into()),
+                samples_written: 42,
+                kernel_flows: 65536,
+                kernel_flow_capacity: 65536,
+                kernel_flow_insert_failures: 3,
+                recovered_from_events: 2,
+            }),
         }
     }
 
@@ -231,6 +290,11 @@ host          audit   file     0        10/0              yes
 datapath:     cgroup root /sys/fs/cgroup, programs: connect4, connect6
 counters:     events 10, ring buffer drops 0, allowed 5, denied 3, would-deny 2
 dns:          resolvers none; answers seen 0, lost 0
+observe:      store /var/lib/egressd/observations.db, flushed every 5000 ms, last 2026-11-23T09:01:00Z; 42 samples written
+flows:        65536 of 65536 kernel summaries in use; 2 recovered from events
+warning:      the kernel's flow table is full: least recently used summaries are evicted (destinations are still recorded from their first-sight events)
+warning:      3 flow summaries or events were lost in the kernel: some destinations may be missing from the store
+!! OBSERVATION STORE: disk I/O error (after 1 failed flushes)
 "
         );
     }

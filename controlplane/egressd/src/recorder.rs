@@ -1,0 +1,609 @@
+//! The observation recorder: every flush interval it reads the kernel's per-destination flow
+//! summaries, turns the growth since the last read into samples (with the DNS name and the
+//! processes involved) and writes them to the SQLite store that `egressctl observed`,
+//! `suggest` and `diff` read. It runs on its own thread: SQLite and /proc are blocking.
+//!
+//! What a crash loses: samples not yet flushed (at most one interval). What an overflowing
+//! kernel table loses: nothing distinct, because every first sight is also an event, and an
+//! event whose summary was evicted before a flush is recorded from the event itself.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use egressd_datapath::{FlowSummary, TaskRef};
+use egressd_observe::{FlowKey, FlowSample, Process, Retention, SampleVerdict, Store};
+use egressd_policy::ObserveSettings;
+use egressd_proto::{FlushReport, ObserveStatus};
+
+use crate::control::Shared;
+
+/// The store's file in the state directory.
+pub const STORE_FILE: &str = "observations.db";
+/// How often old rows are pruned (retention settings).
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+/// Executable paths are cached per process for this long (pids are reused).
+const PROCESS_CACHE_TTL: Duration = Duration::from_secs(30);
+const PROCESS_CACHE_ENTRIES: usize = 4096;
+/// Pending first-sight events kept while waiting for their summary (bounded memory).
+const MAX_PENDING_SIGHTINGS: usize = 100_000;
+
+/// A first sight (or refusal) the event stream reported.
+#[derive(Debug, Clone)]
+pub struct Sighting {
+    pub key: FlowKey,
+    pub at: SystemTime,
+    pub verdict: SampleVerdict,
+    pub dns_name: Option<String>,
+    pub process: Option<Process>,
+}
+
+pub enum Message {
+    Sighting(Box<Sighting>),
+    Flush(tokio::sync::oneshot::Sender<Result<FlushReport, String>>),
+    Stop,
+}
+
+/// What the rest of the daemon holds: a way to send to the recorder thread, and its status.
+#[derive(Clone)]
+pub struct Handle {
+    sender: Sender<Message>,
+    status: Arc<Mutex<ObserveStatus>>,
+}
+
+impl Handle {
+    pub fn sighting(&self, sighting: Sighting) {
+        // The recorder outlives every sender but at shutdown; nothing to do then.
+        let _ = self.sender.send(Message::Sighting(Box::new(sighting)));
+    }
+
+    /// Asks for a flush and waits for its outcome.
+    pub async fn flush(&self) -> Result<FlushReport, String> {
+        let (reply, outcome) = tokio::sync::oneshot::channel();
+        self.sender
+            .send(Message::Flush(reply))
+            .map_err(|_| "the observation recorder has stopped".to_owned())?;
+        outcome
+            .await
+            .map_err(|_| "the observation recorder has stopped".to_owned())?
+    }
+
+    pub fn status(&self) -> Option<ObserveStatus> {
+        self.status.lock().ok().map(|status| status.clone())
+    }
+}
+
+/// A recorder that is ready to run once the daemon's shared state (which holds its
+/// [`Handle`]) exists.
+pub struct Unstarted {
+    recorder: Recorder,
+    receiver: Receiver<Message>,
+}
+
+/// Creates the recorder and opens its store (a store that cannot be opened is reported and
+/// retried at each flush; enforcement does not depend on it).
+pub fn create(state_dir: &Path, settings: ObserveSettings) -> (Handle, Unstarted) {
+    let path = state_dir.join(STORE_FILE);
+    let status = Arc::new(Mutex::new(ObserveStatus {
+        enabled: settings.enabled,
+        store: path.display().to_string(),
+        flush_interval_ms: settings.flush_interval.as_millis() as u64,
+        last_flush: None,
+        flush_failures: 0,
+        last_error: None,
+        samples_written: 0,
+        kernel_flows: 0,
+        kernel_flow_capacity: 0,
+        kernel_flow_insert_failures: 0,
+        recovered_from_events: 0,
+    }));
+    let (sender, receiver) = std::sync::mpsc::channel();
+    let mut recorder = Recorder {
+        path,
+        store: None,
+        settings,
+        previous: HashMap::new(),
+        pending: HashMap::new(),
+        processes: ProcessCache::new(),
+        status: status.clone(),
+        last_prune: None,
+    };
+    recorder.open_store();
+    (Handle { sender, status }, Unstarted { recorder, receiver })
+}
+
+impl Unstarted {
+    /// Runs the recorder on its own thread until [`stop`].
+    pub fn start(self, shared: Arc<Shared>) -> anyhow::Result<std::thread::JoinHandle<()>> {
+        let Unstarted {
+            mut recorder,
+            receiver,
+        } = self;
+        let thread = std::thread::Builder::new()
+            .name("egressd-recorder".to_owned())
+            .spawn(move || recorder.run(&shared, receiver))?;
+        Ok(thread)
+    }
+}
+
+/// Flushes one last time and ends the recorder thread.
+pub fn stop(handle: &Handle, thread: std::thread::JoinHandle<()>) {
+    if handle.sender.send(Message::Stop).is_ok() && thread.join().is_err() {
+        tracing::error!("the observation recorder panicked");
+    }
+}
+
+/// Identity of one kernel summary: it restarts from zero when `first_seen` changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct SummaryId {
+    workload: u32,
+    address: IpAddr,
+    port: Option<u16>,
+    protocol: u8,
+}
+
+/// The counters of a summary at the last flush.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Totals {
+    first_seen: Option<SystemTime>,
+    allowed: u64,
+    denied: u64,
+    would_deny: u64,
+    bytes_sent: u64,
+    packets_sent: u64,
+    bytes_received: u64,
+    packets_received: u64,
+}
+
+impl Totals {
+    fn of(summary: &FlowSummary) -> Self {
+        Totals {
+            first_seen: Some(summary.first_seen),
+            allowed: summary.allowed,
+            denied: summary.denied,
+            would_deny: summary.would_deny,
+            bytes_sent: summary.bytes_sent,
+            packets_sent: summary.packets_sent,
+            bytes_received: summary.bytes_received,
+            packets_received: summary.packets_received,
+        }
+    }
+
+    /// Growth from `earlier` (zero totals when the summary is new or was recreated).
+    fn since(&self, earlier: &Totals) -> Totals {
+        let earlier = if earlier.first_seen == self.first_seen {
+            *earlier
+        } else {
+            Totals::default()
+        };
+        Totals {
+            first_seen: self.first_seen,
+            allowed: self.allowed.saturating_sub(earlier.allowed),
+            denied: self.denied.saturating_sub(earlier.denied),
+            would_deny: self.would_deny.saturating_sub(earlier.would_deny),
+            bytes_sent: self.bytes_sent.saturating_sub(earlier.bytes_sent),
+            packets_sent: self.packets_sent.saturating_sub(earlier.packets_sent),
+            bytes_received: self.bytes_received.saturating_sub(earlier.bytes_received),
+            packets_received: self
+                .packets_received
+                .saturating_sub(earlier.packets_received),
+        }
+    }
+
+    fn is_zero(&self) -> bool {
+        self.allowed == 0
+            && self.denied == 0
+            && self.would_deny == 0
+            && self.packets_sent == 0
+            && self.packets_received == 0
+    }
+}
+
+/// One kernel summary with the names the daemon knows for it.
+pub struct NamedFlow {
+    pub summary: FlowSummary,
+    pub workload: String,
+    pub dns_name: Option<String>,
+}
+
+/// What the engine hands the recorder at each flush.
+pub struct FlowSnapshot {
+    pub flows: Vec<NamedFlow>,
+    /// Absolute cgroup directories per workload name (a sending task must be in one).
+    pub workload_cgroups: BTreeMap<String, Vec<PathBuf>>,
+    pub settings: ObserveSettings,
+    pub capacity: u32,
+    pub insert_failures: u64,
+}
+
+struct Recorder {
+    path: PathBuf,
+    store: Option<Store>,
+    settings: ObserveSettings,
+    previous: HashMap<SummaryId, Totals>,
+    pending: HashMap<FlowKey, Sighting>,
+    processes: ProcessCache,
+    status: Arc<Mutex<ObserveStatus>>,
+    last_prune: Option<Instant>,
+}
+
+impl Recorder {
+    fn run(&mut self, shared: &Shared, receiver: Receiver<Message>) {
+        let mut next_flush = Instant::now() + self.settings.flush_interval;
+        loop {
+            let wait = next_flush.saturating_duration_since(Instant::now());
+            match receiver.recv_timeout(wait) {
+                Ok(Message::Sighting(sighting)) => self.pend(*sighting),
+                Ok(Message::Flush(reply)) => {
+                    self.drain_sightings(&receiver);
+                    let _ = reply.send(self.flush(shared));
+                    next_flush = Instant::now() + self.settings.flush_interval;
+                }
+                Ok(Message::Stop) | Err(RecvTimeoutError::Disconnected) => {
+                    self.drain_sightings(&receiver);
+                    if let Err(e) = self.flush(shared) {
+                        tracing::error!("last flush of observations: {e}");
+                    }
+                    return;
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    if let Err(e) = self.flush(shared) {
+                        tracing::warn!("flushing observations: {e}");
+                    }
+                    next_flush = Instant::now() + self.settings.flush_interval;
+                }
+            }
+        }
+    }
+
+    fn drain_sightings(&mut self, receiver: &Receiver<Message>) {
+        // Only sightings are taken here; anything else waits for the main loop. Bounded by
+        // what is queued now.
+        let mut deferred = Vec::new();
+        while let Ok(message) = receiver.try_recv() {
+            match message {
+                Message::Sighting(sighting) => self.pend(*sighting),
+                other => deferred.push(other),
+            }
+            if deferred.len() > 1024 {
+                break;
+            }
+        }
+        // A Stop or Flush taken out of order is answered right away by the caller's loop.
+        for message in deferred {
+            match message {
+                Message::Flush(reply) => {
+                    let _ = reply.send(Err("superseded by a concurrent flush; retry".to_owned()));
+                }
+                Message::Stop | Message::Sighting(_) => {}
+            }
+        }
+    }
+
+    fn pend(&mut self, sighting: Sighting) {
+        if self.pending.len() >= MAX_PENDING_SIGHTINGS && !self.pending.contains_key(&sighting.key)
+        {
+            return;
+        }
+        self.pending.entry(sighting.key.clone()).or_insert(sighting);
+    }
+
+    fn open_store(&mut self) {
+        if self.store.is_some() || !self.settings.enabled {
+            return;
+        }
+        match Store::open(&self.path) {
+            Ok(store) => self.store = Some(store),
+            Err(e) => {
+                // Enforcement goes on without the store; status shows why.
+                tracing::error!("observation store unavailable: {e}");
+                self.set_error(e.to_string());
+            }
+        }
+    }
+
+    fn set_error(&self, message: String) {
+        if let Ok(mut status) = self.status.lock() {
+            status.flush_failures += 1;
+            status.last_error = Some(message);
+        }
+    }
+
+    fn flush(&mut self, shared: &Shared) -> Result<FlushReport, String> {
+        let result = self.try_flush(shared);
+        if let Err(message) = &result {
+            self.set_error(message.clone());
+        }
+        result
+    }
+
+    fn try_flush(&mut self, shared: &Shared) -> Result<FlushReport, String> {
+        let walk_started = SystemTime::now();
+        let snapshot = shared
+            .engine
+            .lock()
+            .map_err(|_| "daemon state is poisoned".to_owned())?
+            .flow_snapshot()
+            .map_err(|e| format!("reading the kernel's flow summaries: {e:#}"))?;
+        self.settings = snapshot.settings.clone();
+        if let Ok(mut status) = self.status.lock() {
+            status.enabled = self.settings.enabled;
+            status.flush_interval_ms = self.settings.flush_interval.as_millis() as u64;
+            status.kernel_flows = snapshot.flows.len() as u64;
+            status.kernel_flow_capacity = u64::from(snapshot.capacity);
+            status.kernel_flow_insert_failures = snapshot.insert_failures;
+        }
+        let mut samples = self.samples(&snapshot, walk_started);
+        let recovered = self.recover_sightings(walk_started, &mut samples);
+        if !self.settings.enabled {
+            return Ok(FlushReport {
+                store: self.path.display().to_string(),
+                samples: 0,
+            });
+        }
+        self.open_store();
+        let store = self
+            .store
+            .as_mut()
+            .ok_or_else(|| format!("observation store {} is unavailable", self.path.display()))?;
+        store.record(&samples).map_err(|e| e.to_string())?;
+        if self.last_prune.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
+            let retention = Retention {
+                days: self.settings.retention_days,
+                max_rows: self.settings.max_rows,
+            };
+            match store.prune(retention) {
+                Ok(stats) if stats.expired + stats.evicted > 0 => tracing::info!(
+                    expired = stats.expired,
+                    evicted = stats.evicted,
+                    remaining = stats.remaining,
+                    "observations pruned"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::warn!("pruning observations: {e}"),
+            }
+            self.last_prune = Some(Instant::now());
+        }
+        if let Ok(mut status) = self.status.lock() {
+            status.last_flush = Some(crate::engine::rfc3339(SystemTime::now()));
+            status.last_error = None;
+            status.samples_written += samples.len() as u64;
+            status.recovered_from_events += recovered;
+        }
+        Ok(FlushReport {
+            store: self.path.display().to_string(),
+            samples: samples.len() as u64,
+        })
+    }
+
+    /// Samples of the growth of every summary since the last flush.
+    fn samples(&mut self, snapshot: &FlowSnapshot, now: SystemTime) -> Vec<FlowSample> {
+        let mut samples = Vec::new();
+        let mut live = HashSet::with_capacity(snapshot.flows.len());
+        for flow in &snapshot.flows {
+            let summary = &flow.summary;
+            let id = SummaryId {
+                workload: summary.workload,
+                address: summary.address,
+                port: summary.port,
+                protocol: summary.protocol,
+            };
+            live.insert(id);
+            let key = FlowKey::new(
+                flow.workload.clone(),
+                summary.address,
+                summary.port,
+                summary.protocol,
+            );
+            // The summary accounts for the first sight: its event adds nothing.
+            self.pending.remove(&key);
+            let totals = Totals::of(summary);
+            let growth = totals.since(self.previous.get(&id).unwrap_or(&Totals::default()));
+            self.previous.insert(id, totals);
+            if growth.is_zero() {
+                continue;
+            }
+            let mut base = FlowSample::new(key, summary.first_seen);
+            base.dns_name = flow.dns_name.clone();
+            // Counters move without a new decision (long-lived connections): seen until now.
+            base.last_seen = if growth.packets_sent + growth.packets_received > 0 {
+                now.max(summary.last_seen)
+            } else {
+                summary.last_seen
+            };
+            base.connect_process = summary
+                .connect_task
+                .as_ref()
+                .map(|task| self.processes.process(task));
+            base.send_process = summary.send_task.as_ref().and_then(|task| {
+                self.sender(
+                    task,
+                    summary.connect_task.as_ref(),
+                    snapshot.workload_cgroups.get(&flow.workload),
+                )
+            });
+            let mut allowed = base.clone();
+            allowed.connections = growth.allowed;
+            allowed.bytes_sent = growth.bytes_sent;
+            allowed.packets_sent = growth.packets_sent;
+            allowed.bytes_received = growth.bytes_received;
+            allowed.packets_received = growth.packets_received;
+            if allowed.connections + allowed.packets_sent + allowed.packets_received > 0 {
+                samples.push(allowed);
+            }
+            for (count, verdict) in [
+                (growth.denied, SampleVerdict::Denied),
+                (growth.would_deny, SampleVerdict::WouldDeny),
+            ] {
+                if count > 0 {
+                    let mut sample = base.clone();
+                    sample.connections = count;
+                    sample.verdict = verdict;
+                    samples.push(sample);
+                }
+            }
+        }
+        self.previous.retain(|id, _| live.contains(id));
+        samples
+    }
+
+    /// The writer of a flow, if it is trustworthy: the connecting process itself, or a task
+    /// inside the flow's workload (softirq transmissions run under unrelated tasks).
+    fn sender(
+        &mut self,
+        task: &TaskRef,
+        connect_task: Option<&TaskRef>,
+        cgroups: Option<&Vec<PathBuf>>,
+    ) -> Option<Process> {
+        if connect_task.is_some_and(|connect| connect.tid == task.tid) {
+            return None;
+        }
+        let same_process = connect_task.is_some_and(|connect| connect.tgid == task.tgid);
+        if !same_process {
+            let cgroup = task_cgroup(task)?;
+            let inside = cgroups.is_none_or(|dirs| dirs.iter().any(|dir| cgroup.starts_with(dir)));
+            if !inside {
+                return None;
+            }
+        }
+        Some(self.processes.process(task))
+    }
+
+    /// Sightings whose summary was not in the kernel when it was read, although it must
+    /// have been created before: evicted or never stored. They are recorded from the event.
+    fn recover_sightings(
+        &mut self,
+        walk_started: SystemTime,
+        samples: &mut Vec<FlowSample>,
+    ) -> u64 {
+        let settle = self.settings.flush_interval * 2;
+        let cutoff = walk_started.checked_sub(settle).unwrap_or(walk_started);
+        let overdue: Vec<FlowKey> = self
+            .pending
+            .iter()
+            .filter(|(_, sighting)| sighting.at < cutoff)
+            .map(|(key, _)| key.clone())
+            .collect();
+        let mut recovered = 0;
+        for key in overdue {
+            let Some(sighting) = self.pending.remove(&key) else {
+                continue;
+            };
+            let mut sample = FlowSample::new(sighting.key, sighting.at);
+            sample.dns_name = sighting.dns_name;
+            sample.connections = 1;
+            sample.verdict = sighting.verdict;
+            sample.connect_process = sighting.process;
+            samples.push(sample);
+            recovered += 1;
+        }
+        recovered
+    }
+}
+
+/// The cgroup v2 directory of a task, from /proc (relative to the mount, as /proc says).
+fn task_cgroup(task: &TaskRef) -> Option<PathBuf> {
+    let text =
+        std::fs::read_to_string(format!("/proc/{}/task/{}/cgroup", task.tgid, task.tid)).ok()?;
+    let relative = text.lines().find_map(|line| line.strip_prefix("0::"))?;
+    Some(PathBuf::from(relative))
+}
+
+/// comm and executable of tasks, cached briefly per process.
+struct ProcessCache {
+    executables: lru::LruCache<u32, (Instant, Option<String>)>,
+}
+
+impl ProcessCache {
+    fn new() -> Self {
+        ProcessCache {
+            executables: lru::LruCache::new(
+                NonZeroUsize::new(PROCESS_CACHE_ENTRIES).unwrap_or(NonZeroUsize::MIN),
+            ),
+        }
+    }
+
+    fn process(&mut self, task: &TaskRef) -> Process {
+        let comm = if task.comm.is_empty() {
+            read_trimmed(&format!("/proc/{}/task/{}/comm", task.tgid, task.tid))
+                .or_else(|| read_trimmed(&format!("/proc/{}/comm", task.tgid)))
+                .unwrap_or_else(|| format!("pid {}", task.tgid))
+        } else {
+            task.comm.clone()
+        };
+        let exe = self.executable(task.tgid);
+        Process::new(comm, exe.as_deref())
+    }
+
+    fn executable(&mut self, tgid: u32) -> Option<String> {
+        if let Some((at, exe)) = self.executables.get(&tgid)
+            && at.elapsed() < PROCESS_CACHE_TTL
+        {
+            return exe.clone();
+        }
+        let exe = std::fs::read_link(format!("/proc/{tgid}/exe"))
+            .ok()
+            .map(|path| path.display().to_string());
+        self.executables.put(tgid, (Instant::now(), exe.clone()));
+        exe
+    }
+}
+
+fn read_trimmed(path: &str) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let text = text.trim();
+    (!text.is_empty()).then(|| text.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn totals(first: u64, allowed: u64, bytes: u64) -> Totals {
+        Totals {
+            first_seen: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(first)),
+            allowed,
+            bytes_sent: bytes,
+            packets_sent: bytes / 100,
+            ..Totals::default()
+        }
+    }
+
+    #[test]
+    fn growth_is_the_difference_for_the_same_summary() {
+        let growth = totals(1, 10, 1000).since(&totals(1, 4, 400));
+        assert_eq!((growth.allowed, growth.bytes_sent), (6, 600));
+        assert!(totals(1, 4, 400).since(&totals(1, 4, 400)).is_zero());
+    }
+
+    #[test]
+    fn a_recreated_summary_counts_from_zero() {
+        let growth = totals(2, 3, 300).since(&totals(1, 10, 1000));
+        assert_eq!((growth.allowed, growth.bytes_sent), (3, 300));
+        let growth = totals(1, 3, 300).since(&Totals::default());
+        assert_eq!(growth.allowed, 3);
+    }
+
+    #[test]
+    fn processes_fall_back_to_proc_for_their_name() {
+        let mut cache = ProcessCache::new();
+        let me = std::process::id();
+        let process = cache.process(&TaskRef {
+            tgid: me,
+            tid: me,
+            comm: String::new(),
+        });
+        assert!(!process.comm.is_empty());
+        assert!(process.exe.is_some(), "{process:?}");
+        let gone = cache.process(&TaskRef {
+            tgid: u32::MAX,
+            tid: u32::MAX,
+            comm: "agent".into(),
+        });
+        assert_eq!((gone.comm.as_str(), gone.exe), ("agent", None));
+    }
+}
