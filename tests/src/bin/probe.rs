@@ -16,6 +16,9 @@
 //! egressd-probe fork-connect ADDR PORT PROCS   # socket, fork, child moves to PROCS, connects
 //! egressd-probe pass-socket UNIX_PATH          # TCP socket sent with SCM_RIGHTS to UNIX_PATH
 //! egressd-probe sleep SECS
+//! egressd-probe thread-write ADDR PORT BYTES GO_FILE   # connects, a thread named
+//!                                              # "probe-writer" writes BYTES, then holds the
+//!                                              # connection until GO_FILE exists
 //! egressd-probe resolve-connect RESOLVER NAME PORT [aaaa] [tcp-dns]   # DNS actions: see dns.rs
 //! egressd-probe race RESOLVER COUNT PORT LIMIT_SECS
 //! egressd-probe connect-hold ADDR PORT GO_FILE
@@ -60,7 +63,13 @@ const USAGE: &str = "usage: egressd-probe <tcp-connect ADDR PORT | udp-connect-s
 udp-sendto ADDR PORT | icmp-raw ADDR | icmp-ping ADDR | raw-create | \
 fork-connect ADDR PORT CGROUP_PROCS_FILE | pass-socket UNIX_PATH | sleep SECS | \
 resolve-connect RESOLVER NAME PORT [aaaa] [tcp-dns] | race RESOLVER COUNT PORT LIMIT_SECS | \
-connect-hold ADDR PORT GO_FILE | dns-query RESOLVER NAME WAIT_MS [aaaa]>";
+connect-hold ADDR PORT GO_FILE | dns-query RESOLVER NAME WAIT_MS [aaaa] | \
+thread-write ADDR PORT BYTES GO_FILE>";
+
+/// The name of the thread `thread-write` writes from.
+const WRITER_THREAD: &str = "probe-writer";
+/// Upper bound for `thread-write` BYTES.
+const MAX_WRITE_BYTES: usize = 1 << 20;
 
 #[derive(Debug)]
 enum Action {
@@ -76,6 +85,9 @@ enum Action {
     /// Connects a UDP socket and sends once (must succeed), waits until GO_FILE exists, then
     /// sends again with plain send(): the result reported is the second send's.
     UdpResendAfter(SocketAddr, PathBuf),
+    /// Connects from the main thread, writes BYTES from another thread (connection pools
+    /// do this), then keeps the socket open until GO_FILE exists.
+    ThreadWrite(SocketAddr, usize, PathBuf),
     /// An action of the FQDN tests (`dns.rs`), which reports its own JSON.
     Dns(dns::Action),
 }
@@ -171,6 +183,19 @@ fn parse(args: &[String]) -> Result<Action, String> {
             socket_addr(addr, port)?,
             PathBuf::from(go_file),
         )),
+        ["thread-write", addr, port, bytes, go_file] => {
+            let bytes: usize = bytes
+                .parse()
+                .map_err(|err| format!("bad BYTES {bytes:?}: {err}"))?;
+            if bytes > MAX_WRITE_BYTES {
+                return Err(format!("BYTES must be at most {MAX_WRITE_BYTES}"));
+            }
+            Ok(Action::ThreadWrite(
+                socket_addr(addr, port)?,
+                bytes,
+                PathBuf::from(go_file),
+            ))
+        }
         ["sleep", secs] => {
             let secs: u64 = secs
                 .parse()
@@ -182,6 +207,38 @@ fn parse(args: &[String]) -> Result<Action, String> {
         }
         _ => Err(format!("bad arguments {args:?}")),
     }
+}
+
+fn thread_write(addr: SocketAddr, bytes: usize, go_file: &std::path::Path) -> Outcome {
+    use std::io::Write as _;
+    let stream = TcpStream::connect_timeout(&addr, STEP_TIMEOUT)
+        .map_err(|err| Failure::io("connect", &err))?;
+    let mut writer = stream
+        .try_clone()
+        .map_err(|err| Failure::io("clone", &err))?;
+    let go_file = go_file.to_owned();
+    // The writer stays alive until the go file appears, as a pool's threads do, so that
+    // the daemon can read its name.
+    std::thread::Builder::new()
+        .name(WRITER_THREAD.to_owned())
+        .spawn(move || -> Outcome {
+            writer
+                .write_all(&vec![b'x'; bytes])
+                .map_err(|err| Failure::io("write", &err))?;
+            // Bounded wait for the test's signal: 400 polls of 50 ms.
+            for _ in 0..400 {
+                if go_file.exists() {
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(Failure::other("wait", "go file never appeared"))
+        })
+        .map_err(|err| Failure::io("spawn", &err))?
+        .join()
+        .map_err(|_| Failure::other("write", "the writer thread panicked"))??;
+    drop(stream);
+    Ok(())
 }
 
 fn ip(text: &str) -> Result<IpAddr, String> {
@@ -241,6 +298,7 @@ fn run(action: Action) -> Outcome {
         Action::ForkConnect(..) | Action::Dns(..) => {
             Err(Failure::other("internal", "handled in main"))
         }
+        Action::ThreadWrite(addr, bytes, go_file) => thread_write(addr, bytes, &go_file),
         Action::UdpResendAfter(addr, go_file) => {
             let socket = udp_socket(addr)?;
             socket
