@@ -361,6 +361,8 @@ wait "$DAEMON_PID" 2>/dev/null
 daemon_status=$?
 check "SIGTERM stops the daemon within 10 s" test "$stopped" = 1
 check "the daemon exits 0 and removes its socket" test "$daemon_status" = 0 -a ! -e "$SOCK"
+check "after SIGTERM the programs stay pinned in /sys/fs/bpf/egressd (on_stop = keep)" \
+  bash -c 'ls /sys/fs/bpf/egressd/v*/links/egress-* >/dev/null 2>&1'
 DAEMON_PID=""
 rmdir "$TEST_CGROUP" 2>/dev/null
 TEST_CGROUP=""
@@ -386,6 +388,7 @@ check "dpkg -P" dpkg -P egressd
 check "purge: /etc/egressd is gone" test ! -e /etc/egressd
 check "purge: /var/lib/egressd is gone" test ! -e /var/lib/egressd
 check "purge: the enablement link is gone" test ! -L /etc/systemd/system/multi-user.target.wants/egressd.service
+check "purge: the pinned programs and maps are gone" test ! -e /sys/fs/bpf/egressd
 check "purge: dpkg forgets egressd" bash -c "! dpkg-query -W -f='\${Status}' egressd 2>/dev/null | grep -q installed"
 DEB_INSTALLED_BY_US=0
 

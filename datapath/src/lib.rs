@@ -4,6 +4,7 @@
 
 mod events;
 mod flows;
+mod pins;
 mod rules;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -16,6 +17,7 @@ use aya::{
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, ProgramError,
         SockOps,
+        links::{FdLink, LinkError, PinnedLink},
     },
 };
 use egressd_common::dns::{
@@ -37,6 +39,7 @@ pub use events::{
     DnsAnswer, DnsAnswerStream, Event, EventKind, EventStream, Hook, Reason, Verdict,
 };
 pub use flows::{FlowSummary, TaskRef};
+pub use pins::{PinError, uninstall};
 pub use rules::CidrRule;
 use rules::Prefix;
 
@@ -106,6 +109,21 @@ pub enum DatapathError {
     NoCgroup2,
     #[error("the event or DNS answer stream was already taken")]
     EventsTaken,
+    #[error("eBPF program {name}: its link cannot be owned: {source}")]
+    Link {
+        name: &'static str,
+        #[source]
+        source: Box<LinkError>,
+    },
+    #[error("pinned eBPF state: {0}")]
+    Pins(#[source] Box<PinError>),
+    #[error(
+        "eBPF map {name} is neither pinned nor declared scratch space: add it to PINNED_MAPS or \
+         UNPINNED_MAPS in datapath/src/pins.rs"
+    )]
+    UnclassifiedMap { name: String },
+    #[error("the pinned maps record layout version {found}, this egressd uses {expected}")]
+    PinnedLayout { found: u32, expected: u32 },
 }
 
 pub(crate) fn map_err(
@@ -229,10 +247,24 @@ pub struct DecisionCount {
 
 const SOCK_ADDR_PROGRAMS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
 
+/// A link this daemon attached: pinned (outlives the process) or not (detached on drop).
+/// Only ever dropped, never read.
+#[allow(dead_code)]
+enum OwnedLink {
+    Pinned(PinnedLink),
+    Fd(FdLink),
+}
+
 pub struct Datapath {
     ebpf: Ebpf,
     cgroup_root: PathBuf,
     programs: Vec<String>,
+    pins: Option<pins::PinDir>,
+    adopted: bool,
+    /// Held for their lifetime: dropping an unpinned link detaches its program.
+    _links: Vec<OwnedLink>,
+    /// Links of earlier daemons, attached until `retire_previous`.
+    previous_links: Vec<PinnedLink>,
     workload_cgroups: HashMap<MapData, u64, u32>,
     workloads: Array<MapData, WorkloadConfig>,
     settings_map: Array<MapData, Settings>,
@@ -276,12 +308,41 @@ impl std::fmt::Debug for Datapath {
 
 impl Datapath {
     /// Loads the programs and attaches every one of them at `cgroup_root` (a cgroup v2 mount).
-    /// Nothing is enforced until `apply` installs a policy: every workload map starts empty.
-    pub fn load(cgroup_root: &Path) -> Result<Self, DatapathError> {
+    ///
+    /// Without `pin_dir`, every map starts empty (nothing is enforced until `apply`) and the
+    /// programs detach when the `Datapath` is dropped. With it, maps and links are pinned
+    /// there: they outlive the process, and a later `load` with the same folder adopts the
+    /// maps (and the policy in them) and attaches its programs beside the previous ones,
+    /// which [`Datapath::retire_previous`] detaches once the new policy is applied.
+    pub fn load(cgroup_root: &Path, pin_dir: Option<&Path>) -> Result<Self, DatapathError> {
         raise_memlock_limit();
-        let mut ebpf = EbpfLoader::new()
+        let pins = pin_dir
+            .map(|dir| pins::PinDir::prepare(dir, LAYOUT_VERSION))
+            .transpose()?;
+        let adopted = pins.as_ref().is_some_and(pins::PinDir::has_maps);
+        // Held (attached) until retire_previous; opened before ours exist.
+        let previous_links = match &pins {
+            Some(pins) => pins.previous_links()?,
+            None => Vec::new(),
+        };
+        let mut loader = EbpfLoader::new();
+        let map_paths: Vec<(&'static str, PathBuf)> = pins
+            .iter()
+            .flat_map(|pins| pins::PINNED_MAPS.map(|name| (name, pins.map(name))))
+            .collect();
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
+        for (name, _) in ebpf.maps() {
+            if !pins::PINNED_MAPS.contains(&name) && !pins::UNPINNED_MAPS.contains(&name) {
+                return Err(DatapathError::UnclassifiedMap {
+                    name: name.to_owned(),
+                });
+            }
+        }
 
         let mut maps = MapSet { ebpf: &mut ebpf };
         let workload_cgroups = HashMap::try_from(maps.take("WORKLOAD_CGROUPS")?)
@@ -308,27 +369,53 @@ impl Datapath {
         let flow_map =
             HashMap::try_from(maps.take("FLOWS")?).map_err(map_err("FLOWS", "opening"))?;
 
-        let settings = Settings {
-            generation: 1,
-            unmatched_workload: NO_WORKLOAD,
-            layout_version: LAYOUT_VERSION,
-            reserved: 0,
+        let settings = if adopted {
+            let pinned: Settings = settings_map
+                .get(&0, 0)
+                .map_err(map_err("SETTINGS", "reading"))?;
+            if pinned.layout_version != LAYOUT_VERSION {
+                return Err(DatapathError::PinnedLayout {
+                    found: pinned.layout_version,
+                    expected: LAYOUT_VERSION,
+                });
+            }
+            pinned
+        } else {
+            let settings = Settings {
+                generation: 1,
+                unmatched_workload: NO_WORKLOAD,
+                layout_version: LAYOUT_VERSION,
+                reserved: 0,
+            };
+            settings_map
+                .set(0, settings, 0)
+                .map_err(map_err("SETTINGS", "writing"))?;
+            settings
         };
-        settings_map
-            .set(0, settings, 0)
-            .map_err(map_err("SETTINGS", "writing"))?;
 
         let cgroup = File::open(cgroup_root).map_err(|source| DatapathError::CgroupRoot {
             path: cgroup_root.to_owned(),
             source,
         })?;
-        let mut programs = Vec::new();
-        let sender_tasks = attach_all(&mut ebpf, &cgroup, &mut programs)?;
+        let (plan, sender_tasks) = load_all(&mut ebpf)?;
+        let mut programs = Vec::with_capacity(plan.len());
+        let mut links = Vec::with_capacity(plan.len());
+        for (name, description, link) in attach_all(&mut ebpf, &cgroup, &plan)? {
+            programs.push(description);
+            links.push(match &pins {
+                Some(pins) => OwnedLink::Pinned(pins.pin_link(name, link)?),
+                None => OwnedLink::Fd(link),
+            });
+        }
 
-        Ok(Datapath {
+        let mut datapath = Datapath {
             ebpf,
             cgroup_root: cgroup_root.to_owned(),
             programs,
+            pins,
+            adopted,
+            _links: links,
+            previous_links,
             workload_cgroups,
             workloads,
             settings_map,
@@ -353,7 +440,91 @@ impl Datapath {
             installed_resolvers: BTreeSet::new(),
             installed_fqdn_addresses: BTreeSet::new(),
             settings,
-        })
+        };
+        if adopted {
+            datapath.read_back_maps()?;
+        }
+        Ok(datapath)
+    }
+
+    /// Where maps and links are pinned, if they are.
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pins.as_ref().map(pins::PinDir::root)
+    }
+
+    /// Whether the maps (and the policy in them) were adopted from pins of an earlier daemon.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// Detaches the programs of earlier daemons found at `load`; call once this daemon's
+    /// policy is in the maps. Returns how many links were retired.
+    pub fn retire_previous(&mut self) -> Result<usize, DatapathError> {
+        let previous = std::mem::take(&mut self.previous_links);
+        match &self.pins {
+            Some(pins) => Ok(pins.retire(previous)?),
+            None => Ok(0),
+        }
+    }
+
+    /// Fills the mirrors from adopted maps, so that `apply` writes only what differs.
+    fn read_back_maps(&mut self) -> Result<(), DatapathError> {
+        for entry in self.allow.iter() {
+            let (key, value) = entry.map_err(map_err("ALLOW", "reading"))?;
+            let data = key.data();
+            let prefix_len = key
+                .prefix_len()
+                .saturating_sub(policy_limits::ALLOW_KEY_WORKLOAD_BITS);
+            self.installed_allow.insert(
+                (
+                    u32::from_be_bytes(data.workload_be),
+                    (data.addr, u8::try_from(prefix_len).unwrap_or(128)),
+                ),
+                value,
+            );
+        }
+        for entry in self.deny.iter() {
+            let (key, _) = entry.map_err(map_err("DENY", "reading"))?;
+            self.installed_deny.insert((
+                key.data().addr,
+                u8::try_from(key.prefix_len()).unwrap_or(128),
+            ));
+        }
+        for entry in self.workload_cgroups.iter() {
+            let (cgroup, workload) = entry.map_err(map_err("WORKLOAD_CGROUPS", "reading"))?;
+            self.installed_cgroups.insert(cgroup, workload);
+        }
+        for id in 1..=MAX_WORKLOAD_ID {
+            let config = self
+                .workloads
+                .get(&id, 0)
+                .map_err(map_err("WORKLOADS", "reading"))?;
+            if config.flags & WORKLOAD_FLAG_ACTIVE != 0 {
+                self.installed_workloads.insert(id, config);
+            }
+        }
+        for entry in self.fqdn.iter() {
+            let (key, value) = entry.map_err(map_err("FQDN", "reading"))?;
+            self.installed_fqdn.insert((key.workload, key.hash), value);
+        }
+        for entry in self.resolvers.keys() {
+            let addr = entry.map_err(map_err("RESOLVERS", "reading"))?;
+            self.installed_resolvers.insert(addr);
+        }
+        for entry in self.fqdn_addresses.keys() {
+            let key = entry.map_err(map_err("FQDN_ADDRESSES", "reading"))?;
+            self.installed_fqdn_addresses
+                .insert((u32::from_be_bytes(key.workload_be), key.addr));
+        }
+        Ok(())
+    }
+
+    /// Learned addresses the kernel holds, with the workload they are allowed for.
+    pub fn fqdn_addresses(&self) -> Vec<(u32, std::net::IpAddr)> {
+        self.installed_fqdn_addresses
+            .iter()
+            .map(|&(workload, addr)| (workload, canonical_addr(addr)))
+            .collect()
     }
 
     pub fn cgroup_root(&self) -> &Path {
@@ -869,38 +1040,38 @@ macro_rules! loaded {
     }};
 }
 
-/// Loads and attaches every program. Returns whether the egress program that names sending
-/// tasks was accepted (else its compatible twin is attached).
-fn attach_all(
-    ebpf: &mut Ebpf,
-    cgroup: &File,
-    attached: &mut Vec<String>,
-) -> Result<bool, DatapathError> {
-    // bpf_link attachments coexist with other programs on the same cgroup (the kernel attaches
-    // links in multi mode); `Single` is aya's name for "no flags".
-    let mode = CgroupAttachMode::Single;
-    let attach_err = |name| program_err(name, "attaching");
+/// The programs to attach, in order, and where.
+type AttachPlan = Vec<(&'static str, AttachPoint)>;
 
+/// Where a program attaches at the cgroup root.
+#[derive(Debug, Clone, Copy)]
+enum AttachPoint {
+    SockAddr,
+    Sock,
+    SockOps,
+    Skb(CgroupSkbAttachType),
+}
+
+/// Loads every program into the kernel, attaching nothing: a program the verifier refuses
+/// stops egressd before anything is attached. Returns the programs to attach and whether
+/// the egress program that names sending tasks was accepted (else its compatible twin).
+fn load_all(ebpf: &mut Ebpf) -> Result<(AttachPlan, bool), DatapathError> {
+    let mut plan = Vec::new();
     for name in SOCK_ADDR_PROGRAMS {
-        loaded!(ebpf, CgroupSockAddr, name)
-            .attach(cgroup, mode)
-            .map_err(attach_err(name))?;
-        attached.push(format!("{name} (cgroup/{name})"));
+        loaded!(ebpf, CgroupSockAddr, name);
+        plan.push((name, AttachPoint::SockAddr));
     }
-    loaded!(ebpf, CgroupSock, "sock_create")
-        .attach(cgroup, mode)
-        .map_err(attach_err("sock_create"))?;
-    attached.push("sock_create (cgroup/sock_create)".to_owned());
-    loaded!(ebpf, SockOps, "sock_ops")
-        .attach(cgroup, mode)
-        .map_err(attach_err("sock_ops"))?;
-    attached.push("sock_ops (sockops)".to_owned());
+    loaded!(ebpf, CgroupSock, "sock_create");
+    plan.push(("sock_create", AttachPoint::Sock));
+    loaded!(ebpf, SockOps, "sock_ops");
+    plan.push(("sock_ops", AttachPoint::SockOps));
     let sender_tasks = match try_load_cgroup_skb(ebpf, "egress") {
         Ok(()) => true,
         Err(e) => {
             // Kernels before 6.10 refuse bpf_get_current_pid_tgid in cgroup_skb programs.
             log::info!(
-                "egress program with sending tasks refused ({e}); using egress_compat: flows                  name their connecting task only"
+                "egress program with sending tasks refused ({e}); using egress_compat: flows \
+                 name their connecting task only"
             );
             try_load_cgroup_skb(ebpf, "egress_compat")?;
             false
@@ -911,27 +1082,69 @@ fn attach_all(
     } else {
         "egress_compat"
     };
-    for (name, attach_type) in [
-        (egress, CgroupSkbAttachType::Egress),
-        ("ingress", CgroupSkbAttachType::Ingress),
-    ] {
-        if name == "ingress" {
-            try_load_cgroup_skb(ebpf, name)?;
-        }
-        let program: &mut CgroupSkb = ebpf
+    plan.push((egress, AttachPoint::Skb(CgroupSkbAttachType::Egress)));
+    try_load_cgroup_skb(ebpf, "ingress")?;
+    plan.push(("ingress", AttachPoint::Skb(CgroupSkbAttachType::Ingress)));
+    Ok((plan, sender_tasks))
+}
+
+/// The program `$name` as a `$ty`, attached with `$attach`, its link owned by the caller.
+macro_rules! attach_owned {
+    ($ebpf:expr, $ty:ty, $name:expr, |$program:ident| $attach:expr) => {{
+        let name: &'static str = $name;
+        let $program: &mut $ty = $ebpf
             .program_mut(name)
             .ok_or(DatapathError::MissingProgram { name })?
             .try_into()
             .map_err(program_err(name, "type check"))?;
-        program
-            .attach(cgroup, attach_type, mode)
-            .map_err(attach_err(name))?;
-        attached.push(format!(
-            "{name} (cgroup_skb/{})",
-            attach_type_name(attach_type)
-        ));
+        let id = $attach.map_err(program_err(name, "attaching"))?;
+        let link = $program
+            .take_link(id)
+            .map_err(program_err(name, "taking its link"))?;
+        FdLink::try_from(link).map_err(|source| DatapathError::Link {
+            name,
+            source: Box::new(source),
+        })?
+    }};
+}
+
+/// Attaches every loaded program at `cgroup` as a bpf_link the caller owns: dropping an
+/// unpinned link detaches it, so a failure part-way leaves nothing attached.
+fn attach_all(
+    ebpf: &mut Ebpf,
+    cgroup: &File,
+    plan: &[(&'static str, AttachPoint)],
+) -> Result<Vec<(&'static str, String, FdLink)>, DatapathError> {
+    // bpf_link attachments coexist with other programs on the same cgroup (the kernel attaches
+    // links in multi mode); `Single` is aya's name for "no flags".
+    let mode = CgroupAttachMode::Single;
+    let mut links = Vec::with_capacity(plan.len());
+    for &(name, point) in plan {
+        let (link, description) = match point {
+            AttachPoint::SockAddr => (
+                attach_owned!(ebpf, CgroupSockAddr, name, |p| p.attach(cgroup, mode)),
+                format!("{name} (cgroup/{name})"),
+            ),
+            AttachPoint::Sock => (
+                attach_owned!(ebpf, CgroupSock, name, |p| p.attach(cgroup, mode)),
+                format!("{name} (cgroup/{name})"),
+            ),
+            AttachPoint::SockOps => (
+                attach_owned!(ebpf, SockOps, name, |p| p.attach(cgroup, mode)),
+                format!("{name} (sockops)"),
+            ),
+            AttachPoint::Skb(attach_type) => (
+                attach_owned!(ebpf, CgroupSkb, name, |p| p.attach(
+                    cgroup,
+                    attach_type,
+                    mode
+                )),
+                format!("{name} (cgroup_skb/{})", attach_type_name(attach_type)),
+            ),
+        };
+        links.push((name, description, link));
     }
-    Ok(sender_tasks)
+    Ok(links)
 }
 
 fn attach_type_name(attach_type: CgroupSkbAttachType) -> &'static str {

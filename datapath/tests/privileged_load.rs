@@ -11,9 +11,77 @@ async fn privileged_programs_load_attach_and_accept_a_policy() {
         "this test needs root (it loads eBPF programs); run it as root"
     );
     let root = cgroup2_mount().expect("cgroup v2 must be mounted");
-    let mut datapath = Datapath::load(&root).expect("programs load and attach");
+    let mut datapath = Datapath::load(&root, None).expect("programs load and attach");
     assert_eq!(datapath.programs().len(), 8, "{:?}", datapath.programs());
-    let policy = DatapathPolicy {
+    let policy = sample_policy();
+    let stats = datapath.apply(&policy).expect("policy applies");
+    assert_eq!(stats.allow_entries, 1);
+    let again = datapath.apply(&policy).expect("re-apply");
+    assert_eq!(again.allow_written, 0, "unchanged policy writes nothing");
+    datapath
+        .set_mode(1, Mode::Audit, false)
+        .expect("mode switch");
+    let counters = datapath.counters().expect("counters");
+    assert_eq!(counters.ring_buffer_drops, 0);
+}
+
+/// A bpffs folder of this test's own, removed when dropped (programs then detach).
+struct PinFolder(std::path::PathBuf);
+
+impl Drop for PinFolder {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[tokio::test]
+async fn privileged_pinned_maps_are_adopted_with_their_policy() {
+    assert!(
+        nix_is_root(),
+        "this test needs root (it loads eBPF programs)"
+    );
+    let root = cgroup2_mount().expect("cgroup v2 must be mounted");
+    let pins = PinFolder(std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/egressd-datapath-test-{}",
+        std::process::id()
+    )));
+    let policy = sample_policy();
+    let mut first = Datapath::load(&root, Some(&pins.0)).expect("load with pins");
+    assert!(!first.adopted());
+    first.apply(&policy).expect("policy applies");
+    let generation = first.apply(&policy).expect("re-apply").generation;
+    drop(first);
+
+    let mut second = Datapath::load(&root, Some(&pins.0)).expect("load again");
+    assert!(second.adopted(), "the pinned maps are adopted");
+    let stats = second.apply(&policy).expect("the same policy");
+    assert_eq!(
+        (stats.allow_written, stats.allow_removed),
+        (0, 0),
+        "the adopted maps already hold the policy"
+    );
+    assert!(stats.generation > generation, "generations continue");
+    assert_eq!(
+        second.retire_previous().expect("retire"),
+        8,
+        "the first daemon's links"
+    );
+    let emptier = DatapathPolicy {
+        workloads: Vec::new(),
+        fqdn: Vec::new(),
+        resolvers: Vec::new(),
+        deny: Vec::new(),
+        unmatched: None,
+    };
+    let stats = second.apply(&emptier).expect("an empty policy");
+    assert_eq!(
+        stats.allow_removed, 1,
+        "adopted entries are known, so they are removed"
+    );
+}
+
+fn sample_policy() -> DatapathPolicy {
+    DatapathPolicy {
         workloads: vec![WorkloadSpec {
             id: 1,
             name: "test".into(),
@@ -36,16 +104,7 @@ async fn privileged_programs_load_attach_and_accept_a_policy() {
         resolvers: vec!["127.0.0.53".parse().expect("ip")],
         deny: vec!["169.254.169.254/32".parse().expect("net")],
         unmatched: None,
-    };
-    let stats = datapath.apply(&policy).expect("policy applies");
-    assert_eq!(stats.allow_entries, 1);
-    let again = datapath.apply(&policy).expect("re-apply");
-    assert_eq!(again.allow_written, 0, "unchanged policy writes nothing");
-    datapath
-        .set_mode(1, Mode::Audit, false)
-        .expect("mode switch");
-    let counters = datapath.counters().expect("counters");
-    assert_eq!(counters.ring_buffer_drops, 0);
+    }
 }
 
 fn nix_is_root() -> bool {

@@ -11,5 +11,8 @@ fi
 if [ "$1" -eq 0 ]; then
     # Only if empty: rpm owns the policy file, not its directory.
     rmdir /etc/egressd 2>/dev/null || :
+    # rpm has no purge: erasing the package is the way to end enforcement. This is
+    # what `egressd --uninstall` does (the binary is gone by now).
+    rm -rf /sys/fs/bpf/egressd
 fi
 exit 0

@@ -25,6 +25,8 @@ const CTL_TIMEOUT: Duration = Duration::from_secs(15);
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a test waits for the daemons of other tests to finish.
 const SERIAL_TIMEOUT: Duration = Duration::from_secs(600);
+/// Where test daemons pin their programs and maps, one folder each.
+pub const PIN_ROOT: &str = "/sys/fs/bpf";
 /// Lock file shared by every test process that runs a daemon.
 const LOCK_FILE: &str = "/tmp/egressd-tests.lock";
 
@@ -61,6 +63,9 @@ pub struct Daemon {
     policy: PathBuf,
     socket: PathBuf,
     state_dir: PathBuf,
+    /// This daemon's own bpffs folder, removed (ending enforcement) when dropped.
+    pin_dir: PathBuf,
+    extra_args: Vec<String>,
     stdout_log: PathBuf,
     stderr_log: PathBuf,
     // Released after `drop` has stopped the daemon (fields drop after the body).
@@ -79,7 +84,7 @@ impl Daemon {
     pub fn start_with_args(policy_toml: &str, extra_args: &[&str]) -> Daemon {
         require_root();
         cgroup2_root();
-        let egressd = egressd_bin();
+        egressd_bin();
         egressctl_bin();
         probe_bin();
         let serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
@@ -95,32 +100,98 @@ impl Daemon {
         let stderr_log = dir.path().join("egressd.stderr");
         fs::write(&policy, policy_toml).expect("write policy.toml");
         fs::create_dir(&state_dir).expect("create the state dir");
-        let child = Command::new(&egressd)
-            .arg("--config")
-            .arg(&policy)
-            .arg("--state-dir")
-            .arg(&state_dir)
-            .arg("--socket")
-            .arg(&socket)
-            .args(extra_args)
-            .stdin(Stdio::null())
-            .stdout(File::create(&stdout_log).expect("create the stdout log"))
-            .stderr(File::create(&stderr_log).expect("create the stderr log"))
-            .spawn()
-            .unwrap_or_else(|err| panic!("cannot start {}: {err}", egressd.display()));
+        let pin_dir = PathBuf::from(PIN_ROOT).join(
+            dir.path()
+                .file_name()
+                .expect("a temporary directory has a name"),
+        );
         let mut daemon = Daemon {
-            child: Some(child),
+            child: None,
             dir,
             policy,
             socket,
             state_dir,
+            pin_dir,
+            extra_args: extra_args.iter().map(|arg| (*arg).to_owned()).collect(),
             stdout_log,
             stderr_log,
             _lock: lock,
             _serial: serial,
         };
+        daemon.spawn();
         daemon.wait_ready();
         daemon
+    }
+
+    /// Starts egressd on this daemon's files (its pins, state and socket).
+    fn spawn(&mut self) {
+        let egressd = egressd_bin();
+        let append = |path: &Path| {
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .expect("open a daemon log")
+        };
+        let child = Command::new(&egressd)
+            .arg("--config")
+            .arg(&self.policy)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .args(&self.extra_args)
+            .stdin(Stdio::null())
+            .stdout(append(&self.stdout_log))
+            .stderr(append(&self.stderr_log))
+            .spawn()
+            .unwrap_or_else(|err| panic!("cannot start {}: {err}", egressd.display()));
+        self.child = Some(child);
+    }
+
+    /// Starts egressd again after it stopped or was killed, on the same policy, state and
+    /// pins (a restart, or an upgrade in place), and waits until it answers.
+    pub fn restart(&mut self) {
+        assert!(
+            self.child
+                .as_mut()
+                .is_none_or(|child| matches!(child.try_wait(), Ok(Some(_)))),
+            "restart: egressd is still running"
+        );
+        self.spawn();
+        self.wait_ready();
+    }
+
+    /// SIGKILL, as a crash: nothing runs in the daemon after it. Returns once it is reaped.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// `egressd --uninstall` on this daemon's pins (bounded); panics unless it succeeds.
+    pub fn uninstall(&self) -> Output {
+        let output = run_bounded(
+            Command::new(egressd_bin())
+                .arg("--uninstall")
+                .arg("--pin-dir")
+                .arg(&self.pin_dir),
+            CTL_TIMEOUT,
+        );
+        assert!(
+            output.status.success(),
+            "egressd --uninstall failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        output
+    }
+
+    /// The bpffs folder of this daemon's pins.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
     }
 
     fn wait_ready(&mut self) {
@@ -370,6 +441,15 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         let stopped = self.stop();
+        // Pinned programs outlive the daemon: remove them so nothing stays enforced.
+        if let Err(err) = fs::remove_dir_all(&self.pin_dir)
+            && err.kind() != std::io::ErrorKind::NotFound
+        {
+            eprintln!(
+                "egressd-tests: removing pins {}: {err}",
+                self.pin_dir.display()
+            );
+        }
         if thread::panicking() {
             eprintln!(
                 "egressd (stopped: {stopped:?}) in {}:\n{}",

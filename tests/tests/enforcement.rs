@@ -418,7 +418,7 @@ fn privileged_processes_outside_workloads_are_left_alone() {
 }
 
 #[test]
-fn privileged_stopping_the_daemon_detaches_the_programs() {
+fn privileged_stopping_the_daemon_keeps_enforcing_until_uninstall() {
     let cgroup = TestCgroup::new();
     let refused = TcpTarget::bind("127.0.0.4");
     let mut daemon = Daemon::start(&strict(&[WorkloadSpec::new(PROBE, &cgroup)]));
@@ -433,5 +433,30 @@ fn privileged_stopping_the_daemon_detaches_the_programs() {
         daemon.logs()
     );
     run_probe_in(&cgroup, &["tcp-connect", "127.0.0.4", &refused.port_str()])
-        .assert_ok("after the daemon stopped, nothing is enforced");
+        .assert_eperm("the pinned programs go on enforcing after the daemon stopped");
+    assert!(daemon.pin_dir().exists());
+
+    daemon.uninstall();
+    assert!(!daemon.pin_dir().exists(), "--uninstall removes the pins");
+    run_probe_in(&cgroup, &["tcp-connect", "127.0.0.4", &refused.port_str()])
+        .assert_ok("after --uninstall nothing is enforced");
+}
+
+#[test]
+fn privileged_on_stop_detach_ends_enforcement_with_the_daemon() {
+    let cgroup = TestCgroup::new();
+    let refused = TcpTarget::bind("127.0.0.4");
+    let mut policy = strict(&[WorkloadSpec::new(PROBE, &cgroup)]);
+    policy.push_str("\n[daemon]\non_stop = \"detach\"\n");
+    let mut daemon = Daemon::start(&policy);
+    run_probe_in(&cgroup, &["tcp-connect", "127.0.0.4", &refused.port_str()])
+        .assert_eperm("while the daemon runs");
+    let (status, _) = daemon.stop().expect("the daemon was running");
+    assert!(status.success(), "{status}\n{}", daemon.logs());
+    assert!(
+        !daemon.pin_dir().exists(),
+        "on_stop = detach removes the pins"
+    );
+    run_probe_in(&cgroup, &["tcp-connect", "127.0.0.4", &refused.port_str()])
+        .assert_ok("on_stop = detach: nothing is enforced once egressd stopped");
 }

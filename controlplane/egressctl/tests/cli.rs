@@ -172,6 +172,8 @@ fn status_report() -> StatusReport {
             dns_answers: 0,
             dns_answer_drops: 0,
             dns_resolvers: Vec::new(),
+            pin_dir: None,
+            adopted: false,
         },
         observe: None,
     }

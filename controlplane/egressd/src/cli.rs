@@ -26,7 +26,17 @@ pub struct Args {
     /// Cgroup v2 mount to attach at (default: found in /proc/self/mounts).
     #[arg(long)]
     pub cgroup_root: Option<PathBuf>,
+    /// bpffs folder where programs, links and maps are pinned, so that enforcement
+    /// continues while egressd is stopped or restarting (bpffs is mounted on /sys/fs/bpf
+    /// if nothing is).
+    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+    /// Remove the pinned programs and maps (ending enforcement) and exit.
+    #[arg(long)]
+    pub uninstall: bool,
 }
+
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/egressd";
 
 /// The clap command, for man pages and completions.
 pub fn command() -> clap::Command {

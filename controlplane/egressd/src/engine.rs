@@ -55,6 +55,11 @@ pub struct Engine {
     dns_parse_failures: u64,
     /// Learned addresses in the kernel the daemon did not adopt, at the last check.
     unadopted: BTreeSet<(u32, IpAddr)>,
+    /// Learned addresses found in adopted (pinned) maps, whose answers this daemon never saw:
+    /// kept until min_ttl + grace after the start, unless an answer renews them.
+    inherited_addresses: BTreeMap<(u32, IpAddr), Instant>,
+    /// `<state dir>/workload-ids.json`.
+    ids_path: PathBuf,
 }
 
 impl Engine {
@@ -63,14 +68,16 @@ impl Engine {
         policy: Policy,
         modes: ModeOverrides,
         config_path: PathBuf,
+        state_dir: &std::path::Path,
     ) -> anyhow::Result<Self> {
+        let ids_path = crate::ids::path(state_dir);
         let mut engine = Engine {
             datapath,
             policy,
             policy_loaded_at: SystemTime::now(),
             last_error: None,
             modes,
-            ids: BTreeMap::new(),
+            ids: crate::ids::load(&ids_path),
             cgroup_paths: BTreeMap::new(),
             config_path,
             started_at: SystemTime::now(),
@@ -80,10 +87,37 @@ impl Engine {
             resolvers: Vec::new(),
             dns_parse_failures: 0,
             unadopted: BTreeSet::new(),
+            inherited_addresses: BTreeMap::new(),
+            ids_path,
         };
         let policy = engine.policy.clone();
         engine.install(&policy)?;
+        if engine.datapath.adopted() {
+            let hold = policy.dns.min_ttl + policy.dns.grace;
+            let until = Instant::now() + hold;
+            engine.inherited_addresses = engine
+                .datapath
+                .fqdn_addresses()
+                .into_iter()
+                .map(|key| (key, until))
+                .collect();
+            tracing::info!(
+                learned_addresses = engine.inherited_addresses.len(),
+                hold_secs = hold.as_secs(),
+                "adopted the pinned maps of the previous egressd"
+            );
+        }
         Ok(engine)
+    }
+
+    /// Detaches the programs of the previous daemon, now that this one's policy is applied.
+    pub fn retire_previous(&mut self) -> anyhow::Result<usize> {
+        Ok(self.datapath.retire_previous()?)
+    }
+
+    /// What stopping the daemon does to enforcement (`[daemon] on_stop`).
+    pub fn on_stop(&self) -> egressd_policy::OnStop {
+        self.policy.daemon.on_stop
     }
 
     /// The workloads the datapath enforces, `host` included when it applies.
@@ -212,6 +246,12 @@ impl Engine {
             cgroups = stats.cgroups,
             "policy applied"
         );
+        if ids != self.ids
+            && let Err(e) = crate::ids::save(&self.ids_path, &ids)
+        {
+            // Only a later adoption of the pinned maps needs them; that rewrites the policy.
+            tracing::warn!(path = %self.ids_path.display(), "saving workload ids: {e}");
+        }
         self.ids = ids;
         self.cgroup_paths = cgroup_paths;
         Ok(())
@@ -289,8 +329,20 @@ impl Engine {
     /// Ends the addresses whose time is up, and removes learned addresses the kernel holds
     /// but the daemon never adopted (their answer was lost) once they have been seen twice.
     pub fn expire_addresses(&mut self) {
-        let expired = self.dns.expire(Instant::now());
+        let now = Instant::now();
+        let expired = self.dns.expire(now);
         self.refresh_addresses(&expired);
+        let inherited_expired: Vec<(u32, IpAddr)> = self
+            .inherited_addresses
+            .iter()
+            .filter(|(_, until)| **until <= now)
+            .map(|(key, _)| *key)
+            .collect();
+        for key in &inherited_expired {
+            self.inherited_addresses.remove(key);
+        }
+        // Those the table holds now (renewed by an answer) stay, with the table's rules.
+        self.refresh_addresses(&inherited_expired);
         let unadopted: BTreeSet<(u32, IpAddr)> = self
             .datapath
             .unadopted_fqdn_addresses()
@@ -578,6 +630,8 @@ impl Engine {
                 dns_answers: counters.dns_answers,
                 dns_answer_drops: counters.dns_answer_drops,
                 dns_resolvers: self.resolvers.iter().map(IpAddr::to_string).collect(),
+                pin_dir: self.datapath.pin_dir().map(|dir| dir.display().to_string()),
+                adopted: self.datapath.adopted(),
             },
             // Filled in by the control socket from the recorder.
             observe: None,

@@ -5,6 +5,7 @@ mod cgroups;
 mod control;
 mod engine;
 mod events;
+mod ids;
 mod metrics;
 mod modes;
 mod recorder;
@@ -72,6 +73,16 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args, json: bool) -> anyhow::Result<()> {
+    if args.uninstall {
+        let removed = egressd_datapath::uninstall(&args.pin_dir)
+            .with_context(|| format!("removing the pins in {}", args.pin_dir.display()))?;
+        if removed {
+            tracing::info!(pin_dir = %args.pin_dir.display(), "pins removed: programs detach once no egressd holds them");
+        } else {
+            tracing::info!(pin_dir = %args.pin_dir.display(), "nothing pinned");
+        }
+        return Ok(());
+    }
     // Everything that can be wrong with the input is checked before touching the kernel.
     let policy =
         egressd_policy::load(&args.config).map_err(|e| anyhow::anyhow!(engine::error_chain(&e)))?;
@@ -85,7 +96,7 @@ async fn run(args: Args, json: bool) -> anyhow::Result<()> {
     let socket_group = args.socket_group.as_deref().map(group_id).transpose()?;
     let listener = control::bind(&args.socket, socket_group)?;
 
-    let mut datapath = egressd_datapath::Datapath::load(&cgroup_root)
+    let mut datapath = egressd_datapath::Datapath::load(&cgroup_root, Some(&args.pin_dir))
         .with_context(|| format!("loading the eBPF datapath at {}", cgroup_root.display()))?;
     let events = datapath.take_events()?;
     let dns_answers = datapath.take_dns_answers()?;
@@ -93,7 +104,20 @@ async fn run(args: Args, json: bool) -> anyhow::Result<()> {
         tokio::spawn(kernel_log.run());
     }
     let observe_settings = policy.observe.clone();
-    let engine = Engine::new(datapath, policy, modes, args.config.clone())?;
+    let mut engine = Engine::new(
+        datapath,
+        policy,
+        modes,
+        args.config.clone(),
+        &args.state_dir,
+    )?;
+    // Our programs are attached and our policy is in the maps: the previous daemon's programs
+    // (if its pins were adopted) can go.
+    match engine.retire_previous() {
+        Ok(0) => {}
+        Ok(retired) => tracing::info!(retired, "detached the previous egressd's programs"),
+        Err(e) => tracing::error!("detaching the previous egressd's programs: {e:#}"),
+    }
     let (recorder, unstarted_recorder) = recorder::create(&args.state_dir, observe_settings);
     let shared = Arc::new(Shared {
         engine: Mutex::new(engine),
@@ -155,7 +179,7 @@ async fn run(args: Args, json: bool) -> anyhow::Result<()> {
                 }
             }
             _ => {
-                tracing::info!("signal {signal}: stopping; programs detach and enforcement ends");
+                tracing::info!("signal {signal}: stopping");
                 break;
             }
         }
@@ -164,6 +188,26 @@ async fn run(args: Args, json: bool) -> anyhow::Result<()> {
     // What the kernel summarised since the last flush is written before leaving.
     recorder::stop(&recorder, recorder_thread);
     let _ = std::fs::remove_file(&args.socket);
+    let on_stop = shared
+        .engine
+        .lock()
+        .map(|engine| engine.on_stop())
+        .unwrap_or_default();
+    match on_stop {
+        egressd_policy::OnStop::Keep => tracing::info!(
+            pin_dir = %args.pin_dir.display(),
+            "programs stay pinned and keep enforcing until the next egressd adopts them \
+             (`egressd --uninstall` removes them)"
+        ),
+        egressd_policy::OnStop::Detach => {
+            // Our own links close with this process: removing the pins is all it takes.
+            egressd_datapath::uninstall(&args.pin_dir)?;
+            tracing::info!(
+                "pins removed (on_stop = \"detach\"): programs detach as egressd exits and \
+                 nothing is enforced"
+            );
+        }
+    }
     Ok(())
 }
 

@@ -126,17 +126,21 @@ impl ModeOverrides {
 }
 
 fn write_atomically(path: &Path, stored: &StoredModes) -> Result<(), ModeStoreError> {
-    let write_err = |source| ModeStoreError::Write {
+    write_json_atomically(path, stored).map_err(|source| ModeStoreError::Write {
         path: path.to_owned(),
         source,
-    };
-    let text =
-        serde_json::to_vec_pretty(stored).map_err(|e| write_err(std::io::Error::other(e)))?;
+    })
+}
+
+/// Writes `value` as JSON to `path` so that a crash leaves the old file or the new one,
+/// never a mix: a synced temporary file renamed over it, then the directory synced.
+pub(crate) fn write_json_atomically<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+    let text = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
     let temporary = path.with_extension("json.tmp");
-    let mut file = std::fs::File::create(&temporary).map_err(write_err)?;
-    file.write_all(&text).map_err(write_err)?;
-    file.sync_all().map_err(write_err)?;
-    std::fs::rename(&temporary, path).map_err(write_err)?;
+    let mut file = std::fs::File::create(&temporary)?;
+    file.write_all(&text)?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, path)?;
     // The rename is durable only once the directory is synced.
     if let Some(dir) = path.parent()
         && let Ok(dir) = std::fs::File::open(dir)

@@ -15,8 +15,8 @@ use crate::cidr::parse_cidr;
 use crate::error::{Diagnostic, Location, PolicyError, SourceMap};
 use crate::fqdn::FqdnPattern;
 use crate::model::{
-    AllowRule, Defaults, Destination, DnsSettings, HOST_WORKLOAD, MAX_WORKLOADS, MetricsSettings,
-    ObserveSettings, Policy, PolicySource, Workload,
+    AllowRule, DaemonSettings, Defaults, Destination, DnsSettings, HOST_WORKLOAD, MAX_WORKLOADS,
+    MetricsSettings, ObserveSettings, OnStop, Policy, PolicySource, Workload,
 };
 use crate::raw::{
     RawAllow, RawDns, RawDuration, RawMetrics, RawObserve, RawPolicy, RawPort, RawWorkload,
@@ -142,6 +142,12 @@ impl Compiler<'_> {
         let dns = self.dns(raw.dns);
         let metrics = self.metrics(raw.metrics);
         let observe = self.observe(raw.observe);
+        let on_stop = raw
+            .daemon
+            .on_stop
+            .as_ref()
+            .and_then(|value| self.value(value, |s| s.parse::<OnStop>()))
+            .unwrap_or_default();
         let workloads = self.workloads(raw.workloads);
         Policy {
             mode,
@@ -149,6 +155,7 @@ impl Compiler<'_> {
             dns,
             metrics,
             observe,
+            daemon: DaemonSettings { on_stop },
             workloads,
             source,
         }

@@ -27,8 +27,38 @@ pub struct Policy {
     pub dns: DnsSettings,
     pub metrics: MetricsSettings,
     pub observe: ObserveSettings,
+    pub daemon: DaemonSettings,
     pub workloads: Vec<Workload>,
     pub source: PolicySource,
+}
+
+/// `[daemon]`: the daemon's own lifecycle.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DaemonSettings {
+    pub on_stop: OnStop,
+}
+
+/// What stopping egressd (SIGTERM, `systemctl stop`) does to enforcement.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OnStop {
+    /// Programs and maps stay pinned and keep enforcing; the next egressd adopts them.
+    #[default]
+    Keep,
+    /// Programs detach and the pins are removed: nothing is enforced until egressd starts.
+    Detach,
+}
+
+impl std::str::FromStr for OnStop {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "keep" => Ok(OnStop::Keep),
+            "detach" => Ok(OnStop::Detach),
+            other => Err(format!(
+                "invalid on_stop {other:?}: expected \"keep\" or \"detach\""
+            )),
+        }
+    }
 }
 
 /// `[observe]`: the durable record of what workloads contacted (`egressctl observed`).

@@ -18,6 +18,7 @@ pub(crate) struct RawPolicy {
     pub dns: RawDns,
     pub metrics: RawMetrics,
     pub observe: RawObserve,
+    pub daemon: RawDaemon,
     #[serde(rename = "workload")]
     pub workloads: Vec<Spanned<RawWorkload>>,
 }
@@ -34,6 +35,12 @@ pub(crate) struct RawDefaults {
 pub(crate) struct RawMetrics {
     pub enabled: Option<bool>,
     pub listen: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct RawDaemon {
+    pub on_stop: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

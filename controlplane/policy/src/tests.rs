@@ -1030,3 +1030,17 @@ fn observe_section_defaults_overrides_and_errors() {
         assert_error(text, needle, expected);
     }
 }
+
+#[test]
+fn daemon_on_stop_defaults_to_keep() {
+    assert_eq!(ok("").daemon.on_stop, OnStop::Keep);
+    assert_eq!(
+        ok("[daemon]\non_stop = \"detach\"\n").daemon.on_stop,
+        OnStop::Detach
+    );
+    assert_error(
+        "[daemon]\non_stop = \"unload\"\n",
+        "\"unload\"",
+        "invalid on_stop \"unload\": expected \"keep\" or \"detach\"",
+    );
+}

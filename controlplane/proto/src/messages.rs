@@ -288,6 +288,12 @@ pub struct DatapathStatus {
     /// The resolvers whose answers back FQDN rules.
     #[serde(default)]
     pub dns_resolvers: Vec<String>,
+    /// The bpffs folder holding the pinned programs and maps (enforcement outlives the
+    /// daemon), and whether this daemon adopted them from a previous one.
+    #[serde(default)]
+    pub pin_dir: Option<String>,
+    #[serde(default)]
+    pub adopted: bool,
 }
 
 /// One datapath event as the daemon reports it.
@@ -451,6 +457,8 @@ pub(crate) mod tests {
                 dns_answers: 0,
                 dns_answer_drops: 0,
                 dns_resolvers: Vec::new(),
+                pin_dir: None,
+                adopted: false,
             },
             observe: None,
         }

@@ -16,6 +16,9 @@
 //! egressd-probe fork-connect ADDR PORT PROCS   # socket, fork, child moves to PROCS, connects
 //! egressd-probe pass-socket UNIX_PATH          # TCP socket sent with SCM_RIGHTS to UNIX_PATH
 //! egressd-probe sleep SECS
+//! egressd-probe connect-loop ALLOWED_ADDR PORT REFUSED_ADDR PORT STOP_FILE
+//!                                              # alternates connects to both until STOP_FILE
+//!                                              # exists (at most 120 s); reports counts
 //! egressd-probe thread-write ADDR PORT BYTES GO_FILE   # connects, a thread named
 //!                                              # "probe-writer" writes BYTES, then holds the
 //!                                              # connection until GO_FILE exists
@@ -64,7 +67,11 @@ udp-sendto ADDR PORT | icmp-raw ADDR | icmp-ping ADDR | raw-create | \
 fork-connect ADDR PORT CGROUP_PROCS_FILE | pass-socket UNIX_PATH | sleep SECS | \
 resolve-connect RESOLVER NAME PORT [aaaa] [tcp-dns] | race RESOLVER COUNT PORT LIMIT_SECS | \
 connect-hold ADDR PORT GO_FILE | dns-query RESOLVER NAME WAIT_MS [aaaa] | \
-thread-write ADDR PORT BYTES GO_FILE>";
+thread-write ADDR PORT BYTES GO_FILE | \
+connect-loop ALLOWED_ADDR PORT REFUSED_ADDR PORT STOP_FILE>";
+
+/// Upper bound on one `connect-loop` run.
+const MAX_LOOP: Duration = Duration::from_secs(120);
 
 /// The name of the thread `thread-write` writes from.
 const WRITER_THREAD: &str = "probe-writer";
@@ -88,6 +95,9 @@ enum Action {
     /// Connects from the main thread, writes BYTES from another thread (connection pools
     /// do this), then keeps the socket open until GO_FILE exists.
     ThreadWrite(SocketAddr, usize, PathBuf),
+    /// Connects alternately to an address expected to be allowed and one expected to be
+    /// refused until STOP_FILE exists, and reports how each attempt ended.
+    ConnectLoop(SocketAddr, SocketAddr, PathBuf),
     /// An action of the FQDN tests (`dns.rs`), which reports its own JSON.
     Dns(dns::Action),
 }
@@ -154,6 +164,9 @@ fn main() -> ExitCode {
     };
     let line = match action {
         Action::ForkConnect(addr, procs) => fork_connect(addr, &procs),
+        Action::ConnectLoop(allowed, refused, stop_file) => {
+            connect_loop(allowed, refused, &stop_file)
+        }
         Action::IcmpPing(ip) => icmp_ping(ip),
         Action::Dns(action) => dns::run(action),
         action => report(run(action)),
@@ -183,6 +196,18 @@ fn parse(args: &[String]) -> Result<Action, String> {
             socket_addr(addr, port)?,
             PathBuf::from(go_file),
         )),
+        [
+            "connect-loop",
+            allowed,
+            allowed_port,
+            refused,
+            refused_port,
+            stop_file,
+        ] => Ok(Action::ConnectLoop(
+            socket_addr(allowed, allowed_port)?,
+            socket_addr(refused, refused_port)?,
+            PathBuf::from(stop_file),
+        )),
         ["thread-write", addr, port, bytes, go_file] => {
             let bytes: usize = bytes
                 .parse()
@@ -207,6 +232,43 @@ fn parse(args: &[String]) -> Result<Action, String> {
         }
         _ => Err(format!("bad arguments {args:?}")),
     }
+}
+
+/// `{"ok":true,"allowed_ok":N,"allowed_refused":N,"refused_ok":N,"refused_refused":N,
+/// "other_errors":N,"first_error":"..."}`: every attempt counted by outcome.
+fn connect_loop(allowed: SocketAddr, refused: SocketAddr, stop_file: &std::path::Path) -> Value {
+    let started = std::time::Instant::now();
+    let (mut allowed_ok, mut allowed_refused, mut refused_ok, mut refused_refused) = (0, 0, 0, 0);
+    let mut other_errors = 0u64;
+    let mut first_error = String::new();
+    while !stop_file.exists() && started.elapsed() < MAX_LOOP {
+        for (target, ok, eperm) in [
+            (allowed, &mut allowed_ok, &mut allowed_refused),
+            (refused, &mut refused_ok, &mut refused_refused),
+        ] {
+            match TcpStream::connect_timeout(&target, STEP_TIMEOUT) {
+                Ok(_) => *ok += 1,
+                Err(err) if err.raw_os_error() == Some(libc::EPERM) => *eperm += 1,
+                Err(err) => {
+                    other_errors += 1;
+                    if first_error.is_empty() {
+                        first_error = format!("{target}: {err}");
+                    }
+                }
+            }
+        }
+        // A few hundred rounds a second is plenty to catch a gap and spares the server.
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    json!({
+        "ok": true,
+        "allowed_ok": allowed_ok,
+        "allowed_refused": allowed_refused,
+        "refused_ok": refused_ok,
+        "refused_refused": refused_refused,
+        "other_errors": other_errors,
+        "first_error": first_error,
+    })
 }
 
 fn thread_write(addr: SocketAddr, bytes: usize, go_file: &std::path::Path) -> Outcome {
@@ -295,7 +357,7 @@ fn run(action: Action) -> Outcome {
             std::thread::sleep(Duration::from_secs(secs));
             Ok(())
         }
-        Action::ForkConnect(..) | Action::Dns(..) => {
+        Action::ForkConnect(..) | Action::Dns(..) | Action::ConnectLoop(..) => {
             Err(Failure::other("internal", "handled in main"))
         }
         Action::ThreadWrite(addr, bytes, go_file) => thread_write(addr, bytes, &go_file),

@@ -256,6 +256,8 @@ mod tests {
                 dns_answers: 0,
                 dns_answer_drops: 0,
                 dns_resolvers: Vec::new(),
+                pin_dir: None,
+                adopted: false,
             },
             observe: Some(ObserveStatus {
                 enabled: true,
