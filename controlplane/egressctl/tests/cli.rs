@@ -174,6 +174,8 @@ fn status_report() -> StatusReport {
             dns_resolvers: Vec::new(),
             pin_dir: None,
             adopted: false,
+            maps: Vec::new(),
+            fqdn_insert_failures: 0,
         },
         observe: None,
     }

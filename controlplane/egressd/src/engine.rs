@@ -632,6 +632,17 @@ impl Engine {
                 dns_resolvers: self.resolvers.iter().map(IpAddr::to_string).collect(),
                 pin_dir: self.datapath.pin_dir().map(|dir| dir.display().to_string()),
                 adopted: self.datapath.adopted(),
+                maps: self
+                    .datapath
+                    .map_fill()
+                    .into_iter()
+                    .map(|(map, entries, capacity)| egressd_proto::MapFill {
+                        map: map.to_owned(),
+                        entries: entries as u64,
+                        capacity: u64::from(capacity),
+                    })
+                    .collect(),
+                fqdn_insert_failures: counters.fqdn_insert_failures,
             },
             // Filled in by the control socket from the recorder.
             observe: None,

@@ -294,6 +294,30 @@ pub struct DatapathStatus {
     pub pin_dir: Option<String>,
     #[serde(default)]
     pub adopted: bool,
+    /// Fill level of the kernel maps with a fixed capacity.
+    #[serde(default)]
+    pub maps: Vec<MapFill>,
+    /// Learned addresses the kernel could not store (the map was full): connections to
+    /// them are refused in strict mode until space frees up.
+    #[serde(default)]
+    pub fqdn_insert_failures: u64,
+}
+
+/// Entries in one kernel map, and how many it holds at most.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapFill {
+    pub map: String,
+    pub entries: u64,
+    pub capacity: u64,
+}
+
+impl MapFill {
+    /// At or above this share of its capacity a map is reported as nearly full.
+    pub const WARN_PERCENT: u64 = 90;
+
+    pub fn nearly_full(&self) -> bool {
+        self.capacity > 0 && self.entries * 100 >= self.capacity * Self::WARN_PERCENT
+    }
 }
 
 /// One datapath event as the daemon reports it.
@@ -459,6 +483,8 @@ pub(crate) mod tests {
                 dns_resolvers: Vec::new(),
                 pin_dir: None,
                 adopted: false,
+                maps: Vec::new(),
+                fqdn_insert_failures: 0,
             },
             observe: None,
         }

@@ -140,6 +140,36 @@ fn write_status(out: &mut String, report: &StatusReport) -> std::fmt::Result {
             datapath.ring_buffer_drops
         )?;
     }
+    for map in datapath.maps.iter().filter(|map| map.nearly_full()) {
+        writeln!(
+            out,
+            "warning:      kernel map {} is {}% full ({} of {}): new entries will fail",
+            clean(&map.map),
+            map.entries * 100 / map.capacity.max(1),
+            map.entries,
+            map.capacity
+        )?;
+    }
+    if datapath.fqdn_insert_failures > 0 {
+        writeln!(
+            out,
+            "warning:      {} learned addresses could not be stored (map full): connections to \
+             them are refused in strict mode",
+            datapath.fqdn_insert_failures
+        )?;
+    }
+    if let Some(pin_dir) = &datapath.pin_dir {
+        writeln!(
+            out,
+            "pins:         {} ({}); enforcement continues while egressd is stopped",
+            clean(pin_dir),
+            if datapath.adopted {
+                "adopted from the previous egressd"
+            } else {
+                "created by this egressd"
+            }
+        )?;
+    }
     if let Some(observe) = &report.observe {
         write_observe(out, observe)?;
     }
@@ -200,7 +230,7 @@ fn describe_source(source: ModeSource) -> &'static str {
 #[cfg(test)]
 mod tests {
     use egressd_proto::{
-        DatapathStatus, Mode, ModeStatus, PolicyStatus, ReloadFailure, WorkloadStatus,
+        DatapathStatus, MapFill, Mode, ModeStatus, PolicyStatus, ReloadFailure, WorkloadStatus,
     };
 
     use super::*;
@@ -258,6 +288,12 @@ mod tests {
                 dns_resolvers: Vec::new(),
                 pin_dir: None,
                 adopted: false,
+                maps: vec![MapFill {
+                    map: "allow".into(),
+                    entries: 250_000,
+                    capacity: 262_144,
+                }],
+                fqdn_insert_failures: 2,
             },
             observe: Some(ObserveStatus {
                 enabled: true,
@@ -292,6 +328,8 @@ host          audit   file     0        10/0              yes
 datapath:     cgroup root /sys/fs/cgroup, programs: connect4, connect6
 counters:     events 10, ring buffer drops 0, allowed 5, denied 3, would-deny 2
 dns:          resolvers none; answers seen 0, lost 0
+warning:      kernel map allow is 95% full (250000 of 262144): new entries will fail
+warning:      2 learned addresses could not be stored (map full): connections to them are refused in strict mode
 observe:      store /var/lib/egressd/observations.db, flushed every 5000 ms, last 2026-11-23T09:01:00Z; 42 samples written
 flows:        65536 of 65536 kernel summaries in use; 2 recovered from events
 warning:      the kernel's flow table is full: least recently used summaries are evicted (destinations are still recorded from their first-sight events)
