@@ -29,6 +29,8 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// Executable paths are cached per process for this long (pids are reused).
 const PROCESS_CACHE_TTL: Duration = Duration::from_secs(30);
 const PROCESS_CACHE_ENTRIES: usize = 4096;
+/// Messages taken from the queue before one flush.
+const MAX_DRAINED: usize = 100_000;
 /// Pending first-sight events kept while waiting for their summary (bounded memory).
 const MAX_PENDING_SIGHTINGS: usize = 100_000;
 
@@ -236,51 +238,39 @@ impl Recorder {
         let mut next_flush = Instant::now() + self.settings.flush_interval;
         loop {
             let wait = next_flush.saturating_duration_since(Instant::now());
-            match receiver.recv_timeout(wait) {
-                Ok(Message::Sighting(sighting)) => self.pend(*sighting),
-                Ok(Message::Flush(reply)) => {
-                    self.drain_sightings(&receiver);
-                    let _ = reply.send(self.flush(shared));
-                    next_flush = Instant::now() + self.settings.flush_interval;
-                }
-                Ok(Message::Stop) | Err(RecvTimeoutError::Disconnected) => {
-                    self.drain_sightings(&receiver);
-                    if let Err(e) = self.flush(shared) {
-                        tracing::error!("last flush of observations: {e}");
-                    }
-                    return;
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    if let Err(e) = self.flush(shared) {
-                        tracing::warn!("flushing observations: {e}");
-                    }
-                    next_flush = Instant::now() + self.settings.flush_interval;
+            let first = match receiver.recv_timeout(wait) {
+                Ok(message) => Some(message),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => Some(Message::Stop),
+            };
+            if let Some(Message::Sighting(sighting)) = first {
+                self.pend(*sighting);
+                continue;
+            }
+            // A flush is due (timer, request or stop): take everything queued first, so
+            // the flush knows every sighting and answers every request made before it.
+            let mut requests = Vec::new();
+            let mut stop = false;
+            // Bounded, so a flood of sightings cannot hold the flush back.
+            let queued = std::iter::from_fn(|| receiver.try_recv().ok()).take(MAX_DRAINED);
+            for message in first.into_iter().chain(queued) {
+                match message {
+                    Message::Sighting(sighting) => self.pend(*sighting),
+                    Message::Flush(reply) => requests.push(reply),
+                    Message::Stop => stop = true,
                 }
             }
-        }
-    }
-
-    fn drain_sightings(&mut self, receiver: &Receiver<Message>) {
-        // Only sightings are taken here; anything else waits for the main loop. Bounded by
-        // what is queued now.
-        let mut deferred = Vec::new();
-        while let Ok(message) = receiver.try_recv() {
-            match message {
-                Message::Sighting(sighting) => self.pend(*sighting),
-                other => deferred.push(other),
+            let outcome = self.flush(shared);
+            if let Err(e) = &outcome {
+                tracing::warn!("flushing observations: {e}");
             }
-            if deferred.len() > 1024 {
-                break;
+            for reply in requests {
+                let _ = reply.send(outcome.clone());
             }
-        }
-        // A Stop or Flush taken out of order is answered right away by the caller's loop.
-        for message in deferred {
-            match message {
-                Message::Flush(reply) => {
-                    let _ = reply.send(Err("superseded by a concurrent flush; retry".to_owned()));
-                }
-                Message::Stop | Message::Sighting(_) => {}
+            if stop {
+                return;
             }
+            next_flush = Instant::now() + self.settings.flush_interval;
         }
     }
 
