@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use egressd_observe::diff;
 
 use crate::cmd::observations::{self, SourceArgs};
-use crate::cmd::observed::{bytes, destination, flags};
+use crate::cmd::observed::{bytes, destination, flags, names};
 use crate::text::{clean, print_report, table};
 
 #[derive(Debug, clap::Args)]
@@ -64,11 +64,7 @@ fn differences(socket: &Path, args: &Args) -> anyhow::Result<bool> {
                 vec![
                     clean(&o.key.workload).into_owned(),
                     destination(o),
-                    if o.dns_names.is_empty() {
-                        "-".to_owned()
-                    } else {
-                        clean(&o.dns_names.join(",")).into_owned()
-                    },
+                    names(o),
                     o.connections.to_string(),
                     bytes(o.bytes_sent),
                     egressd_observe::format_rfc3339(o.last_seen),

@@ -39,6 +39,15 @@ pub fn destination(observation: &Observation) -> String {
     }
 }
 
+/// The DNS names of a destination, or `-`.
+pub fn names(observation: &Observation) -> String {
+    if observation.dns_names.is_empty() {
+        "-".to_owned()
+    } else {
+        clean(&observation.dns_names.join(",")).into_owned()
+    }
+}
+
 /// Denied, would-deny and plaintext markers.
 pub fn flags(observation: &Observation) -> String {
     let mut flags = Vec::new();
@@ -88,11 +97,7 @@ fn format_observed(observations: &[Observation]) -> String {
             vec![
                 clean(&o.key.workload).into_owned(),
                 destination(o),
-                if o.dns_names.is_empty() {
-                    "-".to_owned()
-                } else {
-                    clean(&o.dns_names.join(",")).into_owned()
-                },
+                names(o),
                 o.connections.to_string(),
                 format!("{}/{}", bytes(o.bytes_sent), bytes(o.bytes_received)),
                 format_rfc3339(o.first_seen),
