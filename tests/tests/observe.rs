@@ -410,3 +410,97 @@ allow = [
         assert!(yaml.contains(needle), "{needle:?} missing:\n{yaml}");
     }
 }
+
+#[test]
+fn privileged_every_name_asked_is_recorded_and_bursts_of_random_names_are_flagged() {
+    const BURST: usize = 60;
+    let cgroup = TestCgroup::new();
+    let named = TcpTarget::bind("127.0.0.5");
+    let dnsmasq = Dnsmasq::builder(RESOLVER)
+        .host(NAME, "127.0.0.5")
+        .host("failover.vendor.test", "127.0.0.8")
+        .start();
+    let daemon = Daemon::start(&learning_policy(&cgroup));
+    run_probe_in(
+        &cgroup,
+        &["resolve-connect", RESOLVER, NAME, &named.port_str()],
+    )
+    .assert_ok("a name that is connected to");
+    run_probe_in(
+        &cgroup,
+        &["dns-query", RESOLVER, "failover.vendor.test", "500"],
+    )
+    .assert_ok("a name only resolved");
+    // Data leaving in question names: random labels, many of them below one parent.
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    for _ in 0..BURST {
+        let mut label = String::new();
+        for _ in 0..24 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            label.push(char::from(
+                b"abcdefghijklmnopqrstuvwxyz234567"[(state % 32) as usize],
+            ));
+        }
+        run_probe_in(
+            &cgroup,
+            &[
+                "dns-query",
+                RESOLVER,
+                &format!("{label}.beacon.test"),
+                "500",
+            ],
+        )
+        .assert_ok("a tunnelling-like question");
+    }
+
+    let text = daemon.ctl_ok(&["observed", "--workload", PROBE, "--names", "--json"]);
+    let names: Vec<Value> = serde_json::from_str(&text).expect("observed --names --json");
+    let find = |name: &str| {
+        names
+            .iter()
+            .find(|n| n["name"] == name)
+            .unwrap_or_else(|| panic!("{name} not recorded: {text}"))
+    };
+    let connected = find(NAME);
+    assert_eq!(connected["connected"], true, "{connected}");
+    assert_eq!(connected["answered"], 1, "{connected}");
+    assert!(connected.get("tunnelling").is_none(), "{connected}");
+    let failover = find("failover.vendor.test");
+    assert_eq!(failover["connected"], false, "{failover}");
+    assert!(
+        failover.get("tunnelling").is_none(),
+        "ordinary names are not flagged: {failover}"
+    );
+    let burst: Vec<&Value> = names
+        .iter()
+        .filter(|n| {
+            n["name"]
+                .as_str()
+                .is_some_and(|name| name.ends_with(".beacon.test"))
+        })
+        .collect();
+    assert_eq!(burst.len(), BURST, "{text}");
+    assert!(
+        burst.iter().all(|n| n["tunnelling"].as_str().is_some()),
+        "every name of the burst is flagged: {text}"
+    );
+
+    let human = daemon.ctl_ok(&["observed", "--workload", PROBE]);
+    assert!(human.contains("resolved, never connected to"), "{human}");
+    assert!(human.contains("look like DNS tunnelling"), "{human}");
+    let suggested = daemon.ctl_ok(&[
+        "suggest",
+        "--workload",
+        PROBE,
+        "--policy",
+        &daemon.policy_path().display().to_string(),
+    ]);
+    assert!(
+        suggested.contains("  # { fqdn = \"failover.vendor.test\", reason = \"\" },"),
+        "{suggested}"
+    );
+    assert!(suggested.contains("# NOT offered: "), "{suggested}");
+    drop(dnsmasq);
+}

@@ -272,7 +272,9 @@ impl Engine {
 
     /// A validated DNS answer a workload received: learn from it, and make the kernel's
     /// entries for its addresses match what the table allows.
-    pub fn observe_answer(&mut self, answer: &DnsAnswer) {
+    /// Returns the question it answered, for the observation store (None when the answer
+    /// could not be parsed or its workload has no name).
+    pub fn observe_answer(&mut self, answer: &DnsAnswer) -> Option<egressd_observe::QuerySample> {
         let response = match egressd_dns::parse_response(&answer.payload) {
             Ok(response) => response,
             Err(e) => {
@@ -293,7 +295,7 @@ impl Engine {
                     bytes = answer.message_len,
                     "DNS answer not parsed: {e}"
                 );
-                return;
+                return None;
             }
         };
         let observation = self.dns.observe(answer.workload, &response, Instant::now());
@@ -315,7 +317,7 @@ impl Engine {
             keys.dedup();
         }
         self.refresh_addresses(&keys);
-        if let Some(name) = observation.allowed_name {
+        if let Some(name) = &observation.allowed_name {
             tracing::debug!(
                 workload = answer.workload,
                 question = %response.question,
@@ -324,6 +326,22 @@ impl Engine {
                 "DNS answer for an allowed name"
             );
         }
+        let outcome = match response.rcode {
+            3 => egressd_observe::QueryOutcome::NxDomain,
+            0 if !observation.addresses.is_empty() => egressd_observe::QueryOutcome::Answered,
+            _ => egressd_observe::QueryOutcome::Other,
+        };
+        Some(egressd_observe::QuerySample {
+            workload: self.workload_name(answer.workload)?,
+            name: response.question,
+            qtype: match response.qtype {
+                egressd_dns::RecordKind::A => "A".to_owned(),
+                egressd_dns::RecordKind::Aaaa => "AAAA".to_owned(),
+                egressd_dns::RecordKind::Other(number) => format!("TYPE{number}"),
+            },
+            at: answer.time,
+            outcome,
+        })
     }
 
     /// Ends the addresses whose time is up, and removes learned addresses the kernel holds

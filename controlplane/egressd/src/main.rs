@@ -283,9 +283,10 @@ async fn kernel_records(
             tracing::error!("daemon state is poisoned; stopping event processing");
             return;
         };
-        for answer in &answer_batch {
-            engine.observe_answer(answer);
-        }
+        let questions: Vec<_> = answer_batch
+            .iter()
+            .filter_map(|answer| engine.observe_answer(answer))
+            .collect();
         if expire {
             engine.expire_addresses();
         }
@@ -304,6 +305,9 @@ async fn kernel_records(
             })
             .collect();
         drop(engine);
+        for question in questions {
+            shared.recorder.question(question);
+        }
         for sighting in sightings {
             shared.recorder.sighting(sighting);
         }

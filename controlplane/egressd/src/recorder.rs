@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use egressd_datapath::{FlowSummary, TaskRef};
-use egressd_observe::{FlowKey, FlowSample, Process, Retention, SampleVerdict, Store};
+use egressd_observe::{FlowKey, FlowSample, Process, QuerySample, Retention, SampleVerdict, Store};
 use egressd_policy::ObserveSettings;
 use egressd_proto::{FlushReport, ObserveStatus};
 
@@ -29,6 +29,8 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// Executable paths are cached per process for this long (pids are reused).
 const PROCESS_CACHE_TTL: Duration = Duration::from_secs(30);
 const PROCESS_CACHE_ENTRIES: usize = 4096;
+/// DNS questions kept between two flushes (bounded memory under an answer flood).
+const MAX_PENDING_QUESTIONS: usize = 200_000;
 /// Messages taken from the queue before one flush.
 const MAX_DRAINED: usize = 100_000;
 /// Pending first-sight events kept while waiting for their summary (bounded memory).
@@ -46,6 +48,7 @@ pub struct Sighting {
 
 pub enum Message {
     Sighting(Box<Sighting>),
+    Question(Box<QuerySample>),
     Flush(tokio::sync::oneshot::Sender<Result<FlushReport, String>>),
     Stop,
 }
@@ -61,6 +64,10 @@ impl Handle {
     pub fn sighting(&self, sighting: Sighting) {
         // The recorder outlives every sender but at shutdown; nothing to do then.
         let _ = self.sender.send(Message::Sighting(Box::new(sighting)));
+    }
+
+    pub fn question(&self, question: QuerySample) {
+        let _ = self.sender.send(Message::Question(Box::new(question)));
     }
 
     /// Asks for a flush and waits for its outcome.
@@ -113,6 +120,8 @@ pub fn create(state_dir: &Path, settings: ObserveSettings) -> (Handle, Unstarted
         processes: ProcessCache::new(),
         status: status.clone(),
         last_prune: None,
+        questions: Vec::new(),
+        questions_dropped: 0,
     };
     recorder.open_store();
     (Handle { sender, status }, Unstarted { recorder, receiver })
@@ -231,6 +240,9 @@ struct Recorder {
     processes: ProcessCache,
     status: Arc<Mutex<ObserveStatus>>,
     last_prune: Option<Instant>,
+    /// DNS questions answered since the last flush.
+    questions: Vec<QuerySample>,
+    questions_dropped: u64,
 }
 
 impl Recorder {
@@ -243,9 +255,16 @@ impl Recorder {
                 Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => Some(Message::Stop),
             };
-            if let Some(Message::Sighting(sighting)) = first {
-                self.pend(*sighting);
-                continue;
+            match first {
+                Some(Message::Sighting(sighting)) => {
+                    self.pend(*sighting);
+                    continue;
+                }
+                Some(Message::Question(question)) => {
+                    self.question(*question);
+                    continue;
+                }
+                _ => {}
             }
             // A flush is due (timer, request or stop): take everything queued first, so
             // the flush knows every sighting and answers every request made before it.
@@ -256,6 +275,7 @@ impl Recorder {
             for message in first.into_iter().chain(queued) {
                 match message {
                     Message::Sighting(sighting) => self.pend(*sighting),
+                    Message::Question(question) => self.question(*question),
                     Message::Flush(reply) => requests.push(reply),
                     Message::Stop => stop = true,
                 }
@@ -271,6 +291,14 @@ impl Recorder {
                 return;
             }
             next_flush = Instant::now() + self.settings.flush_interval;
+        }
+    }
+
+    fn question(&mut self, question: QuerySample) {
+        if self.questions.len() < MAX_PENDING_QUESTIONS {
+            self.questions.push(question);
+        } else {
+            self.questions_dropped += 1;
         }
     }
 
@@ -330,6 +358,7 @@ impl Recorder {
         let mut samples = self.samples(&snapshot, walk_started);
         let recovered = self.recover_sightings(walk_started, &mut samples);
         if !self.settings.enabled {
+            self.questions.clear();
             return Ok(FlushReport {
                 store: self.path.display().to_string(),
                 samples: 0,
@@ -341,6 +370,17 @@ impl Recorder {
             .as_mut()
             .ok_or_else(|| format!("observation store {} is unavailable", self.path.display()))?;
         store.record(&samples).map_err(|e| e.to_string())?;
+        store
+            .record_queries(&self.questions)
+            .map_err(|e| e.to_string())?;
+        self.questions.clear();
+        if self.questions_dropped > 0 {
+            tracing::warn!(
+                dropped = self.questions_dropped,
+                "DNS questions arrived faster than flushes: some were not recorded"
+            );
+            self.questions_dropped = 0;
+        }
         if self.last_prune.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
             let retention = Retention {
                 days: self.settings.retention_days,

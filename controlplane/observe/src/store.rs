@@ -10,6 +10,8 @@
 //!        denied, would_deny)
 //! flow_names (flow_id -> flows.id, name)                 -- at most MAX_NAMES per flow
 //! flow_processes (flow_id -> flows.id, comm, exe)        -- at most MAX_PROCESSES per flow
+//! dns_queries (workload, name, qtype,                    -- version 2: every name asked
+//!              count, nxdomain, answered, first_seen_ms, last_seen_ms)
 //! ```
 //!
 //! Addresses are text in canonical form (IPv4-mapped IPv6 as IPv4), so `sqlite3` shows
@@ -33,12 +35,14 @@ use crate::model::{
     FlowSample, MAX_NAMES, MAX_PROCESSES, Observation, Process, SampleVerdict, is_plaintext,
     normalize_name,
 };
+use crate::names::{NameObservation, QueryOutcome, QuerySample};
 
 /// The schema this build writes. Older files are migrated on open; newer ones refused.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// `MIGRATIONS[n]` takes a file from version `n` to `n + 1` (version 0: empty file).
-const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [r#"
+const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
+    r#"
     CREATE TABLE schema_version (
         id INTEGER PRIMARY KEY CHECK (id = 1),
         version INTEGER NOT NULL
@@ -73,7 +77,22 @@ const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [r#"
         PRIMARY KEY (flow_id, comm, exe)
     ) WITHOUT ROWID;
     INSERT INTO schema_version (id, version) VALUES (1, 0);
-"#];
+"#,
+    r#"
+    CREATE TABLE dns_queries (
+        workload TEXT NOT NULL,
+        name TEXT NOT NULL,
+        qtype TEXT NOT NULL,
+        count INTEGER NOT NULL DEFAULT 0,
+        nxdomain INTEGER NOT NULL DEFAULT 0,
+        answered INTEGER NOT NULL DEFAULT 0,
+        first_seen_ms INTEGER NOT NULL,
+        last_seen_ms INTEGER NOT NULL,
+        PRIMARY KEY (workload, name, qtype)
+    ) WITHOUT ROWID;
+    CREATE INDEX dns_queries_last_seen ON dns_queries (last_seen_ms);
+"#,
+];
 
 /// How long a writer waits for another connection's lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -442,6 +461,93 @@ impl Store {
         })
     }
 
+    /// Adds answered DNS questions, aggregated per (workload, name, type), in one
+    /// transaction.
+    pub fn record_queries(&mut self, samples: &[QuerySample]) -> Result<(), ObserveError> {
+        if samples.is_empty() {
+            return Ok(());
+        }
+        let path = &self.path;
+        let sql = |step: &'static str| sql_error(path, step);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql("starting a batch of DNS questions"))?;
+        {
+            let mut upsert = tx
+                .prepare_cached(
+                    "INSERT INTO dns_queries
+                       (workload, name, qtype, count, nxdomain, answered, first_seen_ms, last_seen_ms)
+                     VALUES (?1, ?2, ?3, 1, ?4, ?5, ?6, ?6)
+                     ON CONFLICT (workload, name, qtype) DO UPDATE SET
+                       count = min(count + 1, 9223372036854775807),
+                       nxdomain = min(nxdomain + excluded.nxdomain, 9223372036854775807),
+                       answered = min(answered + excluded.answered, 9223372036854775807),
+                       first_seen_ms = min(first_seen_ms, excluded.first_seen_ms),
+                       last_seen_ms = max(last_seen_ms, excluded.last_seen_ms)",
+                )
+                .map_err(sql("preparing to record DNS questions"))?;
+            for sample in samples {
+                let name = normalize_name(&sample.name);
+                if name.is_empty() {
+                    continue;
+                }
+                upsert
+                    .execute(params![
+                        sample.workload,
+                        name,
+                        sample.qtype,
+                        i64::from(sample.outcome == QueryOutcome::NxDomain),
+                        i64::from(sample.outcome == QueryOutcome::Answered),
+                        to_millis(sample.at),
+                    ])
+                    .map_err(sql("recording a DNS question"))?;
+            }
+        }
+        tx.commit().map_err(sql("committing DNS questions"))
+    }
+
+    /// The names workloads asked for that pass `filter` (`internet_only` does not apply:
+    /// names have no address), with whether a connection to one of their addresses was
+    /// seen and the tunnelling flag ([`crate::flag_tunnelling`]), most asked first.
+    pub fn names(&self, filter: &Filter) -> Result<Vec<NameObservation>, ObserveError> {
+        let since = filter.since.map(to_millis);
+        let workload = filter.workload.as_deref();
+        let mut statement = self
+            .conn
+            .prepare_cached(
+                "SELECT q.workload, q.name, q.qtype, q.count, q.nxdomain, q.answered,
+                        q.first_seen_ms, q.last_seen_ms,
+                        EXISTS (SELECT 1 FROM flow_names n JOIN flows f ON f.id = n.flow_id
+                                WHERE f.workload = q.workload AND n.name = q.name)
+                 FROM dns_queries q
+                 WHERE (?1 IS NULL OR q.workload = ?1) AND (?2 IS NULL OR q.last_seen_ms >= ?2)
+                 ORDER BY q.count DESC, q.workload, q.name, q.qtype",
+            )
+            .map_err(self.sql("reading DNS questions"))?;
+        let rows = statement
+            .query_map(params![workload, since], |row| {
+                Ok(NameObservation {
+                    workload: row.get(0)?,
+                    name: row.get(1)?,
+                    qtype: row.get(2)?,
+                    count: clamp_stored(row.get(3)?),
+                    nxdomain: clamp_stored(row.get(4)?),
+                    answered: clamp_stored(row.get(5)?),
+                    first_seen: from_millis(row.get(6)?),
+                    last_seen: from_millis(row.get(7)?),
+                    connected: row.get(8)?,
+                    tunnelling: None,
+                })
+            })
+            .map_err(self.sql("reading DNS questions"))?;
+        let mut names = rows
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.sql("reading DNS questions"))?;
+        crate::names::flag_tunnelling(&mut names);
+        Ok(names)
+    }
+
     /// Drops what is older than the retention, then the least recently seen flows above
     /// `max_rows`, in one transaction, and gives freed pages back to the filesystem.
     pub fn prune(&mut self, retention: Retention) -> Result<PruneStats, ObserveError> {
@@ -469,6 +575,18 @@ impl Store {
                 .execute("DELETE FROM flows WHERE last_seen_ms < ?1", [cutoff])
                 .map_err(sql("dropping expired flows"))?;
             stats.expired = expired as u64;
+            tx.execute("DELETE FROM dns_queries WHERE last_seen_ms < ?1", [cutoff])
+                .map_err(sql("dropping expired DNS questions"))?;
+        }
+        if retention.max_rows > 0 {
+            let limit = i64::try_from(retention.max_rows).unwrap_or(i64::MAX);
+            tx.execute(
+                "DELETE FROM dns_queries WHERE (workload, name, qtype) IN
+                   (SELECT workload, name, qtype FROM dns_queries
+                    ORDER BY last_seen_ms DESC LIMIT -1 OFFSET ?1)",
+                [limit],
+            )
+            .map_err(sql("evicting the oldest DNS questions"))?;
         }
         let count: i64 = tx
             .query_row("SELECT count(*) FROM flows", [], |row| row.get(0))
@@ -672,6 +790,11 @@ pub fn sort_most_important_first(observations: &mut [Observation]) {
             .then_with(|| b.connections.cmp(&a.connections))
             .then_with(|| a.key.cmp(&b.key))
     });
+}
+
+/// A stored counter as read back (never negative in files egressd wrote).
+fn clamp_stored(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
 }
 
 fn clamp_counter(value: u64) -> i64 {

@@ -28,6 +28,9 @@ pub struct SuggestOptions {
     /// [`SuggestOptions::with_cgroups_from`] fills it from the policy the daemon runs,
     /// which defined the workloads that were observed.
     pub cgroups: BTreeMap<String, String>,
+    /// Names the workloads resolved but never connected to (failover and heartbeat
+    /// endpoints): offered as commented-out rules, so the operator decides knowingly.
+    pub candidate_names: Vec<crate::NameObservation>,
 }
 
 impl SuggestOptions {
@@ -214,6 +217,9 @@ pub fn suggest(observations: &[Observation], opts: &SuggestOptions) -> String {
             .or_default()
             .push(observation);
     }
+    for name in &opts.candidate_names {
+        by_workload.entry(name.workload.as_str()).or_default();
+    }
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -265,7 +271,63 @@ fn write_workload(
     for ((target, proto), rule) in &rules {
         write_rule(out, target, *proto, rule, &Evidence::of(rule, observations));
     }
+    write_candidates(out, workload, &rules, &opts.candidate_names);
     out.push_str("]\n");
+}
+
+/// Names the workload resolved but never connected to, as commented-out rules (names that
+/// look like tunnelling are named as such and never offered).
+fn write_candidates(
+    out: &mut String,
+    workload: &str,
+    rules: &BTreeMap<(Target, Proto), Rule>,
+    candidates: &[crate::NameObservation],
+) {
+    let mut offered: BTreeSet<String> = BTreeSet::new();
+    let mut lines = Vec::new();
+    for candidate in candidates
+        .iter()
+        .filter(|c| c.workload == workload && !c.connected)
+    {
+        let name = crate::model::normalize_name(&candidate.name);
+        let covered = rules.keys().any(|(target, _)| match target {
+            Target::Name(rule) => *rule == name,
+            Target::Wildcard(parent) => name.ends_with(&format!(".{parent}")),
+            Target::Address(_) => false,
+        });
+        if covered || !offered.insert(name.clone()) {
+            continue;
+        }
+        if let Some(why) = &candidate.tunnelling {
+            lines.push(format!(
+                "  # NOT offered: {} looks like DNS tunnelling ({})\n",
+                comment_safe(&name),
+                comment_safe(why)
+            ));
+            continue;
+        }
+        if !usable_name(&name) {
+            continue;
+        }
+        lines.push(format!(
+            "  # {{ fqdn = {}, reason = \"\" }},   # {} {}, asked {} times ({} NXDOMAIN), last {}\n",
+            toml_string(&name),
+            comment_safe(&candidate.qtype),
+            if candidate.answered > 0 { "answered" } else { "never answered" },
+            candidate.count,
+            candidate.nxdomain,
+            format_rfc3339(candidate.last_seen),
+        ));
+    }
+    if !lines.is_empty() {
+        out.push_str(
+            "  # Resolved but never connected to while observed (failover or heartbeat\n  \
+             # endpoints?). Uncomment what the workload needs (ports: add them):\n",
+        );
+        for line in lines {
+            out.push_str(&line);
+        }
+    }
 }
 
 /// Groups a workload's observations into rules.

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use anyhow::Context as _;
-use egressd_observe::{Filter, Observation, Store, merge_exports, parse_since};
+use egressd_observe::{Filter, NameObservation, Observation, Store, merge_exports, parse_since};
 use egressd_policy::Policy;
 use egressd_proto::{Request, Response};
 
@@ -36,26 +36,48 @@ pub struct SourceArgs {
     pub store: Option<PathBuf>,
 }
 
+/// The store (flushed by the daemon first) and the filter `args` describe.
+pub struct Source {
+    store: Store,
+    filter: Filter,
+}
+
+impl Source {
+    pub fn open(socket: &Path, args: &SourceArgs, internet_only: bool) -> anyhow::Result<Source> {
+        let filter = Filter {
+            workload: args.workload.clone(),
+            since: since(args.since.as_deref())?,
+            internet_only,
+        };
+        let path = flush_and_locate(socket, args.store.as_deref());
+        let store = Store::open_read_only(&path).with_context(|| {
+            format!(
+                "reading observations from {} (is egressd running, with [observe] enabled? \
+                 --store names another file)",
+                path.display()
+            )
+        })?;
+        Ok(Source { store, filter })
+    }
+
+    /// The destinations that match, most important first.
+    pub fn observations(&self) -> anyhow::Result<Vec<Observation>> {
+        Ok(self.store.observations(&self.filter)?)
+    }
+
+    /// The DNS questions that match, most asked first.
+    pub fn names(&self) -> anyhow::Result<Vec<NameObservation>> {
+        Ok(self.store.names(&self.filter)?)
+    }
+}
+
 /// The observations that match `args`, most important first.
 pub fn load(
     socket: &Path,
     args: &SourceArgs,
     internet_only: bool,
 ) -> anyhow::Result<Vec<Observation>> {
-    let filter = Filter {
-        workload: args.workload.clone(),
-        since: since(args.since.as_deref())?,
-        internet_only,
-    };
-    let path = flush_and_locate(socket, args.store.as_deref());
-    let store = Store::open_read_only(&path).with_context(|| {
-        format!(
-            "reading observations from {} (is egressd running, with [observe] enabled? \
-             --store names another file)",
-            path.display()
-        )
-    })?;
-    Ok(store.observations(&filter)?)
+    Source::open(socket, args, internet_only)?.observations()
 }
 
 /// Observation exports (`egressctl observed --json`) of many hosts, merged, filtered.

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use egressd_observe::{Observation, format_rfc3339, protocol_name};
+use egressd_observe::{NameObservation, Observation, format_rfc3339, protocol_name};
 
 use crate::cmd::observations::{self, SourceArgs};
 use crate::text::{clean, print_report, table};
@@ -18,14 +18,76 @@ pub struct Args {
     /// Print the observations as JSON (the input of `egressctl suggest --from`).
     #[arg(long)]
     pub json: bool,
+    /// List the DNS names the workloads asked for instead: how often, the answers, whether
+    /// a connection followed, and which look like DNS tunnelling.
+    #[arg(long)]
+    pub names: bool,
 }
 
 pub fn run(socket: &Path, args: &Args) -> anyhow::Result<ExitCode> {
-    let observations = observations::load(socket, &args.source, args.internet_only)?;
-    print_report(&observations, args.json, |observations| {
-        format_observed(observations)
-    })?;
+    let source = observations::Source::open(socket, &args.source, args.internet_only)?;
+    if args.names {
+        let names = source.names()?;
+        print_report(&names, args.json, |names| format_names(names))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let observations = source.observations()?;
+    if args.json {
+        print_report(&observations, true, |_| String::new())?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let names = source.names()?;
+    let mut text = format_observed(&observations);
+    let unconnected: Vec<NameObservation> =
+        names.iter().filter(|n| !n.connected).cloned().collect();
+    if !unconnected.is_empty() {
+        text.push_str("\nresolved, never connected to (failover or heartbeat endpoints?):\n");
+        text.push_str(&format_names(&unconnected));
+    }
+    let tunnelling = names.iter().filter(|n| n.tunnelling.is_some()).count();
+    if tunnelling > 0 {
+        text.push_str(&format!(
+            "\nwarning: {tunnelling} names look like DNS tunnelling: `egressctl observed --names`\n"
+        ));
+    }
+    print_report(&(), false, |_| text)?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn format_names(names: &[NameObservation]) -> String {
+    if names.is_empty() {
+        return "no DNS questions recorded (or none match the filters)\n".to_owned();
+    }
+    let rows: Vec<Vec<String>> = names
+        .iter()
+        .map(|n| {
+            vec![
+                clean(&n.workload).into_owned(),
+                clean(&n.name).into_owned(),
+                clean(&n.qtype).into_owned(),
+                n.count.to_string(),
+                format!("{}/{}", n.answered, n.nxdomain),
+                if n.connected { "yes" } else { "no" }.to_owned(),
+                format_rfc3339(n.last_seen),
+                n.tunnelling
+                    .as_deref()
+                    .map_or_else(String::new, |why| format!("TUNNELLING? {}", clean(why))),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "WORKLOAD",
+            "NAME",
+            "TYPE",
+            "ASKED",
+            "ANSWERED/NXDOMAIN",
+            "CONNECTED",
+            "LAST SEEN",
+            "FLAGS",
+        ],
+        &rows,
+    )
 }
 
 /// `address:port/protocol`, brackets around IPv6 addresses with a port.

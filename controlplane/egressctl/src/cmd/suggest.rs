@@ -25,13 +25,23 @@ pub struct Args {
 }
 
 pub fn run(socket: &Path, args: &Args) -> anyhow::Result<ExitCode> {
-    let observations = if args.from.is_empty() {
-        observations::load(socket, &args.source, false)?
+    let (observations, candidate_names) = if args.from.is_empty() {
+        let source = observations::Source::open(socket, &args.source, false)?;
+        let names = source
+            .names()?
+            .into_iter()
+            .filter(|n| !n.connected)
+            .collect();
+        (source.observations()?, names)
     } else {
-        observations::load_exports(&args.from, &args.source)?
+        (
+            observations::load_exports(&args.from, &args.source)?,
+            Vec::new(),
+        )
     };
     let mut options = SuggestOptions {
         wildcard_min: args.wildcard_min,
+        candidate_names,
         ..SuggestOptions::default()
     };
     // The cgroup patterns are a convenience: without a readable policy, suggest still

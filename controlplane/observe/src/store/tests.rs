@@ -93,7 +93,7 @@ fn a_newer_schema_is_refused_with_a_clear_error() {
             error,
             ObserveError::SchemaTooNew {
                 found: 7,
-                supported: 1,
+                supported: SCHEMA_VERSION,
                 ..
             }
         ),
@@ -470,4 +470,61 @@ fn observations_survive_a_json_round_trip() {
     );
     let back: Vec<Observation> = serde_json::from_str(&json).expect("parse");
     assert_eq!(back, observations);
+}
+
+#[test]
+fn dns_questions_aggregate_and_say_whether_a_connection_followed() {
+    use crate::{QueryOutcome, QuerySample};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = Store::open(&dir.path().join("o.db")).expect("open");
+    let at = |secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+    let query = |name: &str, secs, outcome| QuerySample {
+        workload: "agent".into(),
+        name: name.into(),
+        qtype: "A".into(),
+        at: at(secs),
+        outcome,
+    };
+    store
+        .record_queries(&[
+            query("API.vendor.example.", 100, QueryOutcome::Answered),
+            query("api.vendor.example", 200, QueryOutcome::Answered),
+            query("failover.vendor.example", 150, QueryOutcome::Answered),
+            query("gone.vendor.example", 160, QueryOutcome::NxDomain),
+        ])
+        .expect("record");
+    let mut sample = FlowSample::new(
+        FlowKey::new("agent", [203, 0, 113, 7].into(), Some(443), 6),
+        at(201),
+    );
+    sample.dns_name = Some("api.vendor.example".into());
+    sample.connections = 1;
+    store.record(&[sample]).expect("record a flow");
+
+    let names = store.names(&Filter::default()).expect("names");
+    let by_name: std::collections::BTreeMap<&str, &crate::NameObservation> =
+        names.iter().map(|n| (n.name.as_str(), n)).collect();
+    let api = by_name["api.vendor.example"];
+    assert_eq!((api.count, api.answered, api.connected), (2, 2, true));
+    assert_eq!((api.first_seen, api.last_seen), (at(100), at(200)));
+    assert!(!by_name["failover.vendor.example"].connected);
+    assert_eq!(by_name["gone.vendor.example"].nxdomain, 1);
+    assert_eq!(names[0].name, "api.vendor.example", "most asked first");
+
+    let since = Filter {
+        since: Some(at(155)),
+        ..Filter::default()
+    };
+    assert_eq!(store.names(&since).expect("names").len(), 2);
+    let stats = store
+        .prune_at(
+            Retention {
+                days: 1,
+                max_rows: 0,
+            },
+            at(3 * 86_400),
+        )
+        .expect("prune");
+    assert_eq!(stats.remaining, 0);
+    assert!(store.names(&Filter::default()).expect("names").is_empty());
 }

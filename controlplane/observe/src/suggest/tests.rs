@@ -421,3 +421,50 @@ fn observed_denials_sort_and_verdicts_survive_suggest() {
     assert!(text.contains("# DENIED: 1 attempt(s)"), "{text}");
     assert_allows_all(&parse(&text), &observations);
 }
+
+#[test]
+fn names_never_connected_to_are_offered_commented_out() {
+    use crate::NameObservation;
+    let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+    let name = |name: &str, connected: bool, tunnelling: Option<&str>| NameObservation {
+        workload: "agent".into(),
+        name: name.into(),
+        qtype: "A".into(),
+        count: 3,
+        nxdomain: 0,
+        answered: 3,
+        first_seen: at,
+        last_seen: at,
+        connected,
+        tunnelling: tunnelling.map(str::to_owned),
+    };
+    let opts = SuggestOptions {
+        candidate_names: vec![
+            name("failover.vendor.example", false, None),
+            name("api.vendor.example", true, None),
+            name(
+                "x7f3k9q2m1z8.exfil.example",
+                false,
+                Some("random-looking label"),
+            ),
+        ],
+        ..SuggestOptions::default()
+    };
+    let text = suggest(&[], &opts);
+    assert!(
+        text.contains("  # { fqdn = \"failover.vendor.example\", reason = \"\" },"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("fqdn = \"api.vendor.example\""),
+        "connected: {text}"
+    );
+    assert!(
+        text.contains("# NOT offered: x7f3k9q2m1z8.exfil.example looks like DNS tunnelling"),
+        "{text}"
+    );
+    // Still a valid policy: the candidates are comments.
+    let policy = egressd_policy::parse(&text, std::path::Path::new("suggested.toml"))
+        .expect("suggested policy parses");
+    assert!(policy.workload("agent").is_some_and(|w| w.allow.is_empty()));
+}
