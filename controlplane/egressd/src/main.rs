@@ -213,6 +213,10 @@ async fn kernel_records(
     let mut answer_batch = Vec::with_capacity(EVENT_BATCH);
     let mut expiry = tokio::time::interval(DNS_EXPIRY_TICK);
     loop {
+        // While the kernel refuses connections in a tight loop the rings are never empty, so
+        // nothing below waits: without this the task would keep its worker thread forever,
+        // and the control socket, metrics and signals would get no answer.
+        tokio::task::yield_now().await;
         event_batch.clear();
         answer_batch.clear();
         let mut expire = false;
