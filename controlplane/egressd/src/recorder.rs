@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -31,6 +32,11 @@ const PROCESS_CACHE_TTL: Duration = Duration::from_secs(30);
 const PROCESS_CACHE_ENTRIES: usize = 4096;
 /// Pending first-sight events kept while waiting for their summary (bounded memory).
 const MAX_PENDING_SIGHTINGS: usize = 100_000;
+/// Sightings sent to the recorder thread and not yet taken: beyond this (the thread is stuck
+/// in a long flush while a workload is refused thousands of times a second) they are
+/// dropped, so the queue's memory stays bounded. A dropped sighting only matters when its
+/// destination's kernel summary is also evicted before the next flush.
+const MAX_QUEUED_SIGHTINGS: usize = 65_536;
 
 /// A first sight (or refusal) the event stream reported.
 #[derive(Debug, Clone)]
@@ -53,12 +59,31 @@ pub enum Message {
 pub struct Handle {
     sender: Sender<Message>,
     status: Arc<Mutex<ObserveStatus>>,
+    queue: Arc<SightingQueue>,
+}
+
+/// How many sightings wait in the channel, and how many were dropped because too many did.
+#[derive(Default)]
+struct SightingQueue {
+    queued: AtomicUsize,
+    dropped: AtomicU64,
 }
 
 impl Handle {
     pub fn sighting(&self, sighting: Sighting) {
+        if self.queue.queued.load(Ordering::Relaxed) >= MAX_QUEUED_SIGHTINGS {
+            self.queue.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.queue.queued.fetch_add(1, Ordering::Relaxed);
         // The recorder outlives every sender but at shutdown; nothing to do then.
-        let _ = self.sender.send(Message::Sighting(Box::new(sighting)));
+        if self
+            .sender
+            .send(Message::Sighting(Box::new(sighting)))
+            .is_err()
+        {
+            self.queue.queued.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     /// Asks for a flush and waits for its outcome.
@@ -102,7 +127,9 @@ pub fn create(state_dir: &Path, settings: ObserveSettings) -> (Handle, Unstarted
         recovered_from_events: 0,
     }));
     let (sender, receiver) = std::sync::mpsc::channel();
+    let queue = Arc::new(SightingQueue::default());
     let mut recorder = Recorder {
+        queue: queue.clone(),
         path,
         store: None,
         settings,
@@ -113,7 +140,14 @@ pub fn create(state_dir: &Path, settings: ObserveSettings) -> (Handle, Unstarted
         last_prune: None,
     };
     recorder.open_store();
-    (Handle { sender, status }, Unstarted { recorder, receiver })
+    (
+        Handle {
+            sender,
+            status,
+            queue,
+        },
+        Unstarted { recorder, receiver },
+    )
 }
 
 impl Unstarted {
@@ -229,6 +263,7 @@ struct Recorder {
     processes: ProcessCache,
     status: Arc<Mutex<ObserveStatus>>,
     last_prune: Option<Instant>,
+    queue: Arc<SightingQueue>,
 }
 
 impl Recorder {
@@ -237,7 +272,7 @@ impl Recorder {
         loop {
             let wait = next_flush.saturating_duration_since(Instant::now());
             match receiver.recv_timeout(wait) {
-                Ok(Message::Sighting(sighting)) => self.pend(*sighting),
+                Ok(Message::Sighting(sighting)) => self.take(*sighting),
                 Ok(Message::Flush(reply)) => {
                     self.drain_sightings(&receiver);
                     let _ = reply.send(self.flush(shared));
@@ -266,7 +301,7 @@ impl Recorder {
         let mut deferred = Vec::new();
         while let Ok(message) = receiver.try_recv() {
             match message {
-                Message::Sighting(sighting) => self.pend(*sighting),
+                Message::Sighting(sighting) => self.take(*sighting),
                 other => deferred.push(other),
             }
             if deferred.len() > 1024 {
@@ -282,6 +317,12 @@ impl Recorder {
                 Message::Stop | Message::Sighting(_) => {}
             }
         }
+    }
+
+    /// A sighting out of the channel.
+    fn take(&mut self, sighting: Sighting) {
+        self.queue.queued.fetch_sub(1, Ordering::Relaxed);
+        self.pend(sighting);
     }
 
     fn pend(&mut self, sighting: Sighting) {
@@ -314,6 +355,15 @@ impl Recorder {
     }
 
     fn flush(&mut self, shared: &Shared) -> Result<FlushReport, String> {
+        let dropped = self.queue.dropped.swap(0, Ordering::Relaxed);
+        if dropped > 0 {
+            tracing::warn!(
+                dropped,
+                "the observation recorder fell behind the event stream: {dropped} first \
+                 sightings dropped (their destinations are still recorded from the kernel's \
+                 summaries unless those were evicted)"
+            );
+        }
         let result = self.try_flush(shared);
         if let Err(message) = &result {
             self.set_error(message.clone());
