@@ -8,8 +8,12 @@ use std::time::Duration;
 use anyhow::{Context, anyhow};
 use egressd_proto::{ProtoError, Request, Response, read_frame, write_frame};
 
-/// How long to wait for an answer, except while following events.
+/// How long to wait for an answer, except while following events and reloading.
 pub const TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `reload` waits: the daemon parses, compiles and writes a policy of 100,000 rules
+/// in a few seconds, more on a node whose CPUs are busy, and giving up early would leave the
+/// operator believing a reload failed that is still going on.
+pub const RELOAD_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The daemon refused the request (`Response::Error`); its message is the
 /// whole story.
@@ -19,6 +23,7 @@ pub struct DaemonError(pub String);
 
 pub struct Client {
     path: PathBuf,
+    read_timeout: Option<Duration>,
     reader: BufReader<UnixStream>,
     writer: UnixStream,
 }
@@ -44,6 +49,7 @@ impl Client {
         let writer = stream.try_clone().context("cloning the socket")?;
         Ok(Client {
             path: path.to_owned(),
+            read_timeout,
             reader: BufReader::new(stream),
             writer,
         })
@@ -86,7 +92,8 @@ impl Client {
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) =>
             {
-                anyhow!("no answer within {} s", TIMEOUT.as_secs())
+                let waited = self.read_timeout.unwrap_or(TIMEOUT);
+                anyhow!("no answer within {} s", waited.as_secs())
             }
             other => other.into(),
         }
