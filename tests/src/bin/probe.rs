@@ -23,6 +23,8 @@
 //! egressd-probe race RESOLVER COUNT PORT LIMIT_SECS
 //! egressd-probe connect-hold ADDR PORT GO_FILE
 //! egressd-probe dns-query RESOLVER NAME WAIT_MS [aaaa]
+//! egressd-probe connect-loop STOP_FILE LIMIT_SECS ADDR PORT [ADDR PORT]...   # load actions:
+//! egressd-probe dns-flood STOP_FILE LIMIT_SECS RESOLVER SUFFIX NAMES          # see load.rs
 //! ```
 
 use std::fs;
@@ -47,6 +49,8 @@ use serde_json::{Value, json};
 // Beside this crate root in its own folder, so cargo does not take it for a binary.
 #[path = "probe/dns.rs"]
 mod dns;
+#[path = "probe/load.rs"]
+mod load;
 
 /// Bound on every blocking step (connect, send, waiting for a peer).
 const STEP_TIMEOUT: Duration = Duration::from_secs(2);
@@ -64,7 +68,8 @@ udp-sendto ADDR PORT | icmp-raw ADDR | icmp-ping ADDR | raw-create | \
 fork-connect ADDR PORT CGROUP_PROCS_FILE | pass-socket UNIX_PATH | sleep SECS | \
 resolve-connect RESOLVER NAME PORT [aaaa] [tcp-dns] | race RESOLVER COUNT PORT LIMIT_SECS | \
 connect-hold ADDR PORT GO_FILE | dns-query RESOLVER NAME WAIT_MS [aaaa] | \
-thread-write ADDR PORT BYTES GO_FILE>";
+thread-write ADDR PORT BYTES GO_FILE | connect-loop STOP_FILE LIMIT_SECS ADDR PORT... | \
+dns-flood STOP_FILE LIMIT_SECS RESOLVER SUFFIX NAMES>";
 
 /// The name of the thread `thread-write` writes from.
 const WRITER_THREAD: &str = "probe-writer";
@@ -90,6 +95,9 @@ enum Action {
     ThreadWrite(SocketAddr, usize, PathBuf),
     /// An action of the FQDN tests (`dns.rs`), which reports its own JSON.
     Dns(dns::Action),
+    /// A long-running action of the reload and load tests (`load.rs`), which reports its
+    /// own JSON.
+    Load(load::Action),
 }
 
 /// Why the action failed: the step, the errno (0 when there is none) and a text.
@@ -156,6 +164,7 @@ fn main() -> ExitCode {
         Action::ForkConnect(addr, procs) => fork_connect(addr, &procs),
         Action::IcmpPing(ip) => icmp_ping(ip),
         Action::Dns(action) => dns::run(action),
+        Action::Load(action) => load::run(action),
         action => report(run(action)),
     };
     println!("{line}");
@@ -166,6 +175,9 @@ fn parse(args: &[String]) -> Result<Action, String> {
     let words: Vec<&str> = args.iter().map(String::as_str).collect();
     if let Some(action) = dns::parse(&words) {
         return action.map(Action::Dns);
+    }
+    if let Some(action) = load::parse(&words) {
+        return action.map(Action::Load);
     }
     match words.as_slice() {
         ["tcp-connect", addr, port] => Ok(Action::TcpConnect(socket_addr(addr, port)?)),
@@ -295,7 +307,7 @@ fn run(action: Action) -> Outcome {
             std::thread::sleep(Duration::from_secs(secs));
             Ok(())
         }
-        Action::ForkConnect(..) | Action::Dns(..) => {
+        Action::ForkConnect(..) | Action::Dns(..) | Action::Load(..) => {
             Err(Failure::other("internal", "handled in main"))
         }
         Action::ThreadWrite(addr, bytes, go_file) => thread_write(addr, bytes, &go_file),
