@@ -56,8 +56,15 @@ impl Client {
     }
 
     pub fn send(&mut self, request: &Request) -> anyhow::Result<()> {
-        write_frame(&mut self.writer, request)
-            .map_err(|err| self.describe(err))
+        let Err(err) = write_frame(&mut self.writer, request) else {
+            return Ok(());
+        };
+        // The daemon refuses a client it does not admit before reading its request, and closes
+        // the connection: writing may then fail, but its answer is there to read.
+        if let Ok(Some(Response::Error { message })) = read_frame(&mut self.reader) {
+            return Err(DaemonError(message).into());
+        }
+        Err(self.describe(err))
             .with_context(|| format!("sending to egressd at {}", self.path.display()))
     }
 
@@ -133,7 +140,10 @@ fn os_message(err: &io::Error) -> String {
 fn hint(err: &io::Error) -> &'static str {
     match err.kind() {
         io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => " (is egressd running?)",
-        io::ErrorKind::PermissionDenied => " (run egressctl as root?)",
+        io::ErrorKind::PermissionDenied => {
+            " (run egressctl as root, or as a member of egressd's --socket-group or of the \
+             policy's [control] read_group)"
+        }
         _ => "",
     }
 }
