@@ -32,6 +32,7 @@ mod policy;
 mod probe;
 mod sysctl;
 mod traffic;
+mod users;
 
 pub use bins::{binary, egressctl_bin, egressd_bin, probe_bin, run_bounded};
 pub use cgroup::{TestCgroup, cgroup2_root, require_root};
@@ -46,6 +47,7 @@ pub use policy::{DnsSettings, WorkloadSpec, allow, allow_fqdn, line_of, policy_t
 pub use probe::{ProbeResult, RunningProbe, run_probe, run_probe_in, spawn_probe_in};
 pub use sysctl::{PING_GROUP_RANGE, SysctlGuard, allow_ping_sockets};
 pub use traffic::{ConnectCounts, StopFile, connect_counts, percentile, spawn_connect_loop};
+pub use users::{Identity, NOBODY, TestGroup, ctl_as, open_to_everyone, run_as};
 
 /// `EPERM`: what the datapath makes a refused syscall fail with.
 pub const EPERM: i32 = libc::EPERM;
