@@ -124,6 +124,16 @@ pub enum DatapathError {
     UnclassifiedMap { name: String },
     #[error("the pinned maps record layout version {found}, this egressd uses {expected}")]
     PinnedLayout { found: u32, expected: u32 },
+    #[error(
+        "switching to the new policy needs {needed} entries in the {map} map at once (the old \
+         and the new policy's, both in force while it switches), and it holds {capacity}: \
+         reload in two steps, removing rules first"
+    )]
+    SwitchTooLarge {
+        map: &'static str,
+        needed: usize,
+        capacity: u32,
+    },
 }
 
 pub(crate) fn map_err(
@@ -580,9 +590,27 @@ impl Datapath {
 
     /// Makes the maps hold exactly `policy`, writing only what differs from what they hold.
     ///
-    /// Order keeps every lookup answering per the old or the new policy: new and changed
-    /// entries first, then removals, then the generation bump that makes sockets re-check
-    /// their cached verdicts.
+    /// The kernel keeps deciding while the maps change, one entry at a time, so the order
+    /// makes every decision one that the old or the new policy would make: whatever both
+    /// allow stays allowed and whatever both refuse stays refused throughout.
+    ///
+    /// 1. Workloads that refuse nothing new (learning or audit, raw sockets allowed, or no
+    ///    change of strictness) take their new mode and flags; new workloads are set up
+    ///    (no cgroup maps to them yet).
+    /// 2. New deny entries, then new and changed allow, FQDN and resolver entries: the
+    ///    allow trie holds both policies' entries, each lookup's longest match being the old
+    ///    or the new policy's, and the deny list both policies' (so a wider new allow entry
+    ///    never shows before the deny entry that carves a hole in it).
+    /// 3. The cgroup table, then removals of allow, deny, FQDN and resolver entries.
+    /// 4. Workloads that now refuse more (to strict, raw sockets withdrawn) take their new
+    ///    mode only now, when every entry of the new policy is in place; then removed
+    ///    workloads are cleared.
+    /// 5. The generation bump that makes sockets re-check their cached verdicts.
+    ///
+    /// Both policies' entries must fit in the maps at once; when they do not, nothing is
+    /// written and the error says so. What stays outside this guarantee: a cgroup that moves
+    /// to another workload in the same reload switches when the cgroup table is written,
+    /// between the other steps.
     pub fn apply(&mut self, policy: &DatapathPolicy) -> Result<ApplyStats, DatapathError> {
         // Compile everything before touching a map, so an error changes nothing.
         let mut desired_allow: BTreeMap<(u32, Prefix), AllowValue> = BTreeMap::new();
@@ -616,18 +644,63 @@ impl Datapath {
             .map(|ip| rules::to_prefix(&IpNet::from(*ip)).0)
             .collect();
 
+        // While switching, the maps hold the entries of both policies.
+        let union_sizes = [
+            (
+                "ALLOW",
+                union_len(&self.installed_allow, &desired_allow),
+                policy_limits::MAX_ALLOW_ENTRIES,
+            ),
+            (
+                "DENY",
+                self.installed_deny.union(&desired_deny).count(),
+                policy_limits::MAX_DENY_ENTRIES,
+            ),
+            (
+                "FQDN",
+                union_len(&self.installed_fqdn, &desired_fqdn),
+                MAX_FQDN_ENTRIES,
+            ),
+            (
+                "WORKLOAD_CGROUPS",
+                union_len(&self.installed_cgroups, &desired_cgroups),
+                policy_limits::MAX_WORKLOAD_CGROUPS,
+            ),
+        ];
+        for (map, needed, capacity) in union_sizes {
+            if needed > capacity as usize {
+                return Err(DatapathError::SwitchTooLarge {
+                    map,
+                    needed,
+                    capacity,
+                });
+            }
+        }
+
         let mut stats = ApplyStats {
             allow_entries: desired_allow.len(),
             cgroups: desired_cgroups.len(),
             ..Default::default()
         };
 
-        for (&id, config) in &desired_workloads {
-            if self.installed_workloads.get(&id) != Some(config) {
-                self.workloads
-                    .set(id, config, 0)
-                    .map_err(map_err("WORKLOADS", "writing"))?;
-                self.installed_workloads.insert(id, *config);
+        let (tightened, loosened): (Vec<_>, Vec<_>) = desired_workloads
+            .iter()
+            .filter(|(id, config)| self.installed_workloads.get(id) != Some(config))
+            .map(|(&id, &config)| (id, config))
+            .partition(|(id, config)| {
+                self.installed_workloads
+                    .get(id)
+                    .is_some_and(|old| refuses_more(old, config))
+            });
+        for (id, config) in loosened {
+            self.write_workload(id, config)?;
+        }
+        for prefix in &desired_deny {
+            if !self.installed_deny.contains(prefix) {
+                self.deny
+                    .insert(&rules::deny_key(prefix), 1, 0)
+                    .map_err(map_err("DENY", "inserting"))?;
+                self.installed_deny.insert(*prefix);
             }
         }
         for (key, value) in &desired_allow {
@@ -637,14 +710,6 @@ impl Datapath {
                     .map_err(map_err("ALLOW", "inserting"))?;
                 self.installed_allow.insert(*key, *value);
                 stats.allow_written += 1;
-            }
-        }
-        for prefix in &desired_deny {
-            if !self.installed_deny.contains(prefix) {
-                self.deny
-                    .insert(&rules::deny_key(prefix), 1, 0)
-                    .map_err(map_err("DENY", "inserting"))?;
-                self.installed_deny.insert(*prefix);
             }
         }
         for (&(workload, hash), value) in &desired_fqdn {
@@ -707,6 +772,9 @@ impl Datapath {
             remove_ignoring_absent(self.resolvers.remove(&addr))
                 .map_err(map_err("RESOLVERS", "removing"))?;
             self.installed_resolvers.remove(&addr);
+        }
+        for (id, config) in tightened {
+            self.write_workload(id, config)?;
         }
         let stale_workloads: Vec<u32> = self
             .installed_workloads
@@ -913,6 +981,14 @@ impl Datapath {
         Ok(())
     }
 
+    fn write_workload(&mut self, id: u32, config: WorkloadConfig) -> Result<(), DatapathError> {
+        self.workloads
+            .set(id, config, 0)
+            .map_err(map_err("WORKLOADS", "writing"))?;
+        self.installed_workloads.insert(id, config);
+        Ok(())
+    }
+
     fn bump_generation(&mut self) -> Result<(), DatapathError> {
         let mut next = self.settings;
         // Generation 0 is what a never-checked socket holds; skip it on wrap-around.
@@ -1001,6 +1077,23 @@ fn workload_config(mode: Mode, raw_sockets: bool) -> WorkloadConfig {
                 0
             },
     }
+}
+
+/// Whether a workload switching from `old` to `new` refuses something it allowed: it becomes
+/// strict, or stays strict and loses raw sockets. (Learning and audit refuse nothing.)
+fn refuses_more(old: &WorkloadConfig, new: &WorkloadConfig) -> bool {
+    let strict = |config: &WorkloadConfig| config.mode == MODE_STRICT;
+    let raw = |config: &WorkloadConfig| config.flags & WORKLOAD_FLAG_RAW_SOCKETS != 0;
+    strict(new) && (!strict(old) || (raw(old) && !raw(new)))
+}
+
+/// Entries in `installed` and `desired` together.
+fn union_len<K: Ord, V>(installed: &BTreeMap<K, V>, desired: &BTreeMap<K, V>) -> usize {
+    installed.len()
+        + desired
+            .keys()
+            .filter(|key| !installed.contains_key(key))
+            .count()
 }
 
 fn remove_ignoring_absent(result: Result<(), MapError>) -> Result<(), MapError> {
@@ -1224,5 +1317,38 @@ mod mount_tests {
             Some("/sys/fs/cgroup".into())
         );
         assert_eq!(super::cgroup2_mount_in("proc /proc proc rw 0 0\n"), None);
+    }
+}
+
+#[cfg(test)]
+mod switch_order_tests {
+    use super::*;
+
+    #[test]
+    fn only_becoming_strict_or_losing_raw_sockets_refuses_more() {
+        let config = |mode, raw| workload_config(mode, raw);
+        let cases = [
+            (Mode::Learning, false, Mode::Strict, false, true),
+            (Mode::Audit, true, Mode::Strict, true, true),
+            (Mode::Strict, true, Mode::Strict, false, true),
+            (Mode::Strict, false, Mode::Strict, true, false),
+            (Mode::Strict, false, Mode::Audit, false, false),
+            (Mode::Learning, false, Mode::Audit, false, false),
+            (Mode::Audit, true, Mode::Learning, false, false),
+        ];
+        for (old_mode, old_raw, new_mode, new_raw, expected) in cases {
+            assert_eq!(
+                refuses_more(&config(old_mode, old_raw), &config(new_mode, new_raw)),
+                expected,
+                "{old_mode} (raw {old_raw}) -> {new_mode} (raw {new_raw})"
+            );
+        }
+    }
+
+    #[test]
+    fn union_counts_shared_keys_once() {
+        let installed: BTreeMap<u32, ()> = [(1, ()), (2, ())].into();
+        let desired: BTreeMap<u32, ()> = [(2, ()), (3, ()), (4, ())].into();
+        assert_eq!(union_len(&installed, &desired), 4);
     }
 }

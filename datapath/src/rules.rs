@@ -3,7 +3,7 @@
 //! The trie returns only the longest matching prefix, so each entry carries the union of its
 //! own port rules and those of every shorter prefix of the same workload that covers it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use egressd_common::policy::{
     ALLOW_KEY_WORKLOAD_BITS, AllowKey, AllowValue, DenyKey, MAX_PORT_RULES, PROTOCOL_ANY,
@@ -37,17 +37,15 @@ pub(crate) fn to_prefix(net: &IpNet) -> Prefix {
     }
 }
 
-fn covers(outer: &Prefix, inner: &Prefix) -> bool {
-    if outer.1 > inner.1 {
-        return false;
-    }
-    let bits = u32::from(outer.1);
+/// `prefix` shortened to its first `len` bits (the covering prefix of that length).
+fn truncate(prefix: &Prefix, len: u8) -> Prefix {
+    let bits = u32::from(len.min(128));
     let mask = if bits == 0 {
         0
     } else {
         u128::MAX << (128 - bits)
     };
-    (u128::from_be_bytes(outer.0) & mask) == (u128::from_be_bytes(inner.0) & mask)
+    ((u128::from_be_bytes(prefix.0) & mask).to_be_bytes(), len)
 }
 
 fn port_rules(rule: &CidrRule) -> Vec<PortRule> {
@@ -143,12 +141,16 @@ pub(crate) fn compile_workload(
             .or_default()
             .extend(port_rules(rule));
     }
+    // The prefixes covering one are found by looking it up truncated to each prefix length
+    // the workload uses (a handful), not by comparing it with every other prefix: a workload
+    // with 100,000 rules compiles in a fraction of a second instead of 10^10 comparisons.
+    let lengths: BTreeSet<u8> = own.keys().map(|prefix| prefix.1).collect();
     let mut entries = BTreeMap::new();
     for prefix in own.keys() {
-        let inherited: Vec<PortRule> = own
-            .iter()
-            .filter(|(outer, _)| covers(outer, prefix))
-            .flat_map(|(_, rules)| rules.iter().copied())
+        let inherited: Vec<PortRule> = lengths
+            .range(..=prefix.1)
+            .filter_map(|&len| own.get(&truncate(prefix, len)))
+            .flat_map(|rules| rules.iter().copied())
             .collect();
         let merged = merge(inherited);
         if merged.len() > MAX_PORT_RULES {
@@ -272,6 +274,82 @@ mod tests {
         assert_eq!(
             rules_of(all.values().next().expect("entry")),
             vec![(PROTOCOL_ANY, 0, 65535)]
+        );
+    }
+
+    /// The definition: an entry holds the rules of every prefix that covers it.
+    fn covers(outer: &Prefix, inner: &Prefix) -> bool {
+        outer.1 <= inner.1 && truncate(inner, outer.1) == *outer
+    }
+
+    #[test]
+    fn inherited_rules_match_the_definition() {
+        let nets = [
+            "0.0.0.0/0",
+            "10.0.0.0/8",
+            "10.1.0.0/16",
+            "10.1.2.0/24",
+            "10.1.2.3/32",
+            "10.1.3.0/24",
+            "10.2.0.0/15",
+            "192.168.0.0/16",
+            "::/0",
+            "2001:db8::/32",
+            "2001:db8:1::/48",
+            "2001:db8:1::1/128",
+            "::ffff:10.1.0.0/112",
+        ];
+        let rules: Vec<CidrRule> = nets
+            .iter()
+            .enumerate()
+            .map(|(i, net)| {
+                let port = 1000 + u16::try_from(i).expect("few rules") * 10;
+                rule(net, &[(port, port)], Protocol::Tcp)
+            })
+            .collect();
+        let entries = compile_workload("w", &rules).expect("compiles");
+        let own: Vec<(Prefix, Vec<PortRule>)> = rules
+            .iter()
+            .map(|r| (to_prefix(&r.net), port_rules(r)))
+            .collect();
+        for (prefix, value) in &entries {
+            let expected = merge(
+                own.iter()
+                    .filter(|(outer, _)| covers(outer, prefix))
+                    .flat_map(|(_, rules)| rules.iter().copied())
+                    .collect(),
+            );
+            assert_eq!(
+                value.rules[..value.count as usize],
+                expected[..],
+                "{prefix:?}"
+            );
+        }
+        // 10.1.2.3/32 inherits from /32, /24, /16 (twice: ::ffff:10.1.0.0/112 is the same
+        // prefix), /8, 0.0.0.0/0 and ::/0.
+        let host = entries
+            .get(&to_prefix(&"10.1.2.3/32".parse().expect("net")))
+            .expect("host entry");
+        assert_eq!(rules_of(host).len(), 7, "{:?}", rules_of(host));
+    }
+
+    #[test]
+    fn a_hundred_thousand_host_rules_compile() {
+        let rules: Vec<CidrRule> = (0..100_000u32)
+            .map(|i| {
+                let addr = std::net::Ipv4Addr::from(0xc612_0000 + i);
+                rule(&format!("{addr}/32"), &[(443, 443)], Protocol::Tcp)
+            })
+            .chain([rule("198.18.0.0/15", &[(80, 80)], Protocol::Tcp)])
+            .collect();
+        let entries = compile_workload("w", &rules).expect("compiles");
+        assert_eq!(entries.len(), 100_001);
+        let host = entries
+            .get(&to_prefix(&"198.18.1.1/32".parse().expect("net")))
+            .expect("host entry");
+        assert_eq!(
+            rules_of(host),
+            vec![(IPPROTO_TCP, 80, 80), (IPPROTO_TCP, 443, 443)]
         );
     }
 

@@ -31,6 +31,8 @@ mod net;
 mod policy;
 mod probe;
 mod sysctl;
+mod traffic;
+mod users;
 
 pub use bins::{binary, egressctl_bin, egressd_bin, probe_bin, run_bounded};
 pub use cgroup::{TestCgroup, cgroup2_root, require_root};
@@ -40,10 +42,12 @@ pub use dns::{
     answer_addresses, answer_bytes, query_bytes, tcp_exchange, udp_exchange, wire,
 };
 pub use handoff::{connect_fd, receive_fd};
-pub use net::{TcpServer, TcpTarget, UdpTarget, destination};
+pub use net::{TcpServer, TcpSink, TcpTarget, UdpTarget, destination};
 pub use policy::{DnsSettings, WorkloadSpec, allow, allow_fqdn, line_of, policy_toml};
 pub use probe::{ProbeResult, RunningProbe, run_probe, run_probe_in, spawn_probe_in};
 pub use sysctl::{PING_GROUP_RANGE, SysctlGuard, allow_ping_sockets};
+pub use traffic::{ConnectCounts, StopFile, connect_counts, percentile, spawn_connect_loop};
+pub use users::{Identity, NOBODY, TestGroup, ctl_as, open_to_everyone, run_as};
 
 /// `EPERM`: what the datapath makes a refused syscall fail with.
 pub const EPERM: i32 = libc::EPERM;

@@ -149,6 +149,98 @@ impl TcpServer {
     }
 }
 
+/// A listener with the longest backlog the system allows (`net.core.somaxconn`): std's 128
+/// overflows when the accepting thread loses the CPU for a moment, and a dropped SYN costs
+/// the connect a one-second retransmission.
+fn listen_with_long_backlog(addr: SocketAddr) -> nix::Result<TcpListener> {
+    use nix::sys::socket::{
+        AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage, bind, listen, socket,
+    };
+    let family = match addr {
+        SocketAddr::V4(_) => AddressFamily::Inet,
+        SocketAddr::V6(_) => AddressFamily::Inet6,
+    };
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrStorage::from(addr),
+    )?;
+    listen(&fd, Backlog::MAXALLOWABLE)?;
+    Ok(TcpListener::from(fd))
+}
+
+/// A TCP listener on a loopback address that accepts every connection and closes it at
+/// once, on one thread, stopped when dropped: the other end of connect loops that open
+/// thousands of connections a second (a [`TcpTarget`]'s backlog would fill, a
+/// [`TcpServer`] would start a thread for each).
+#[derive(Debug)]
+pub struct TcpSink {
+    pub ip: IpAddr,
+    pub port: u16,
+    stop: Arc<AtomicBool>,
+    accepted: Arc<AtomicUsize>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl TcpSink {
+    pub fn bind(ip: &str) -> TcpSink {
+        let ip = loopback(ip);
+        let listener = listen_with_long_backlog(SocketAddr::new(ip, 0))
+            .unwrap_or_else(|err| panic!("cannot listen on {ip} (tcp): {err}"));
+        let port = listener.local_addr().expect("listener address").port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let thread = {
+            let stop = Arc::clone(&stop);
+            let accepted = Arc::clone(&accepted);
+            thread::spawn(move || {
+                for stream in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    if stream.is_ok() {
+                        accepted.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        };
+        TcpSink {
+            ip,
+            port,
+            stop,
+            accepted,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn ip_str(&self) -> String {
+        self.ip.to_string()
+    }
+
+    pub fn port_str(&self) -> String {
+        self.port.to_string()
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for TcpSink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wakes the accept loop (the test process is in no workload: nothing refuses it).
+        let _ = TcpStream::connect_timeout(
+            &SocketAddr::new(self.ip, self.port),
+            Duration::from_secs(2),
+        );
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 fn echo(mut stream: TcpStream) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
     let mut buf = [0u8; 512];

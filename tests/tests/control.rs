@@ -1,4 +1,6 @@
-//! The control socket: who may use it, and what garbage gets back.
+//! The control socket: who may use it and for what (root and `--socket-group`: everything;
+//! `[control] read_group`: status, events, dns; anyone else: nothing), and what garbage gets
+//! back.
 //!
 //! Privileged: root, cgroup v2, built binaries (`cargo build --bins`).
 
@@ -6,13 +8,14 @@ use std::io::{BufRead as _, BufReader, Write as _};
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt as _;
-use std::process::Command;
+use std::process::{Command, Output};
 use std::time::Duration;
 
-use egressd_tests::{Daemon, TestCgroup, WorkloadSpec, egressctl_bin, policy_toml, run_bounded};
-
-/// nobody / nogroup on Debian.
-const NOBODY: u32 = 65534;
+use egressd_tests::{
+    Daemon, Identity, NOBODY, TestCgroup, TestGroup, WorkloadSpec, ctl_as, egressctl_bin, line_of,
+    open_to_everyone, policy_toml, run_bounded,
+};
+use serde_json::Value;
 
 fn request(daemon: &Daemon, line: &[u8]) -> serde_json::Value {
     let mut stream = UnixStream::connect(daemon.socket()).expect("connect to the control socket");
@@ -109,4 +112,224 @@ fn privileged_socket_is_root_only_unless_a_group_is_configured() {
         !outsider.status.success(),
         "a user outside the group is refused"
     );
+}
+
+/// A strict policy for the `probe` workload, with `[control] read_group = READ_GROUP` (a TOML
+/// value as written) when given.
+fn policy_with_read_group(cgroup: &TestCgroup, read_group: Option<&str>) -> String {
+    let mut policy = policy_toml("strict", &[], &[WorkloadSpec::new("probe", cgroup)]);
+    if let Some(group) = read_group {
+        policy.push_str(&format!("\n[control]\nread_group = {group}\n"));
+    }
+    policy
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// `egressctl ARGS` as `who` must succeed; returns its stdout.
+#[track_caller]
+fn ctl_ok_as(daemon: &Daemon, who: &Identity, args: &[&str]) -> String {
+    let output = ctl_as(daemon, who, args);
+    assert!(
+        output.status.success(),
+        "`egressctl {}` as {who:?} should succeed: {}",
+        args.join(" "),
+        stderr(&output)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// `egressctl ARGS` as `who` must fail (exit 1) with `expected` in its message.
+#[track_caller]
+fn ctl_refused_as(daemon: &Daemon, who: &Identity, args: &[&str], expected: &str) {
+    let output = ctl_as(daemon, who, args);
+    let message = stderr(&output);
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "`egressctl {}` as {who:?} should be refused: {message}",
+        args.join(" ")
+    );
+    assert!(
+        message.contains(expected),
+        "`egressctl {}` as {who:?}: {message:?} should say {expected:?}",
+        args.join(" ")
+    );
+}
+
+/// The read-only requests a reader may send, each answered.
+#[track_caller]
+fn assert_may_read(daemon: &Daemon, reader: &Identity) {
+    let status: Value = serde_json::from_str(&ctl_ok_as(daemon, reader, &["status", "--json"]))
+        .expect("status --json is JSON");
+    assert_eq!(status["pid"].as_u64(), Some(u64::from(daemon.pid())));
+    ctl_ok_as(daemon, reader, &["events", "--limit", "5"]);
+    ctl_ok_as(daemon, reader, &["dns", "--json"]);
+}
+
+const EACCES_AT_CONNECT: &str = "Permission denied";
+
+#[test]
+fn privileged_read_group_may_read_and_change_nothing_and_others_are_refused() {
+    let cgroup = TestCgroup::new();
+    let readers = TestGroup::new();
+    let policy = policy_with_read_group(&cgroup, Some(&format!("{:?}", readers.name())));
+    let daemon = Daemon::start(&policy);
+    open_to_everyone(daemon.dir());
+    let meta = std::fs::metadata(daemon.socket()).expect("socket exists");
+    assert_eq!(
+        (meta.permissions().mode() & 0o777, meta.uid(), meta.gid()),
+        (0o660, 0, 0),
+        "root's socket with the ACL mask rw for the read group's entry"
+    );
+    let reader = Identity::nobody_in(&[readers.gid()]);
+    let outsider = Identity::nobody_in(&[]);
+
+    assert_may_read(&daemon, &reader);
+    ctl_refused_as(
+        &daemon,
+        &reader,
+        &["mode", "audit", "--workload", "probe"],
+        "permission denied: set_mode changes egressd's state",
+    );
+    ctl_refused_as(&daemon, &reader, &["mode", "learning"], "permission denied");
+    ctl_refused_as(
+        &daemon,
+        &reader,
+        &["reload"],
+        "permission denied: reload changes egressd's state",
+    );
+    let status = daemon.status();
+    assert_eq!(daemon.workload("probe")["mode"], "strict", "{status}");
+    assert_eq!(status["default_mode"]["mode"], "strict", "{status}");
+
+    // Outside the group, the socket's permissions refuse the connect itself.
+    ctl_refused_as(&daemon, &outsider, &["status"], EACCES_AT_CONNECT);
+    // Behind that gate, the daemon's own: with the file opened to everyone by mistake, an
+    // outsider is still refused, by its credentials.
+    std::fs::set_permissions(daemon.socket(), std::fs::Permissions::from_mode(0o666))
+        .expect("chmod 666 the socket");
+    ctl_refused_as(
+        &daemon,
+        &outsider,
+        &["status"],
+        &format!("permission denied: uid {NOBODY} may not use egressd's control socket"),
+    );
+    ctl_refused_as(
+        &daemon,
+        &outsider,
+        &["mode", "learning"],
+        "may not use egressd's control socket",
+    );
+    assert_eq!(daemon.workload("probe")["mode"], "strict");
+    std::fs::set_permissions(daemon.socket(), std::fs::Permissions::from_mode(0o660))
+        .expect("chmod 660 the socket");
+}
+
+#[test]
+fn privileged_read_group_follows_reloads() {
+    let cgroup = TestCgroup::new();
+    let readers = TestGroup::new();
+    let daemon = Daemon::start(&policy_with_read_group(&cgroup, None));
+    open_to_everyone(daemon.dir());
+    let reader = Identity::nobody_in(&[readers.gid()]);
+    ctl_refused_as(&daemon, &reader, &["status"], EACCES_AT_CONNECT);
+
+    // Granted by a reload, by GID.
+    daemon.rewrite_policy(&policy_with_read_group(
+        &cgroup,
+        Some(&readers.gid().to_string()),
+    ));
+    daemon.ctl_ok(&["reload"]);
+    assert_may_read(&daemon, &reader);
+    ctl_refused_as(&daemon, &reader, &["reload"], "permission denied: reload");
+
+    // An unknown group name is refused like any mistake in the file, at its line and
+    // column; the group in force stays.
+    let unknown = policy_with_read_group(&cgroup, Some("\"no-such-group-egressd\""));
+    let line = line_of(&unknown, "no-such-group-egressd");
+    daemon.rewrite_policy(&unknown);
+    let output = daemon.reload();
+    let message = stderr(&output);
+    assert_eq!(output.status.code(), Some(1), "{message}");
+    let expected = format!(
+        "{}:{line}:14: read_group \"no-such-group-egressd\": no such group",
+        daemon.policy_path().display()
+    );
+    assert!(
+        message.contains(&expected),
+        "{message:?} should say {expected:?}"
+    );
+    let status = daemon.status();
+    assert!(
+        status["policy"]["last_error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&expected)),
+        "{status}"
+    );
+    assert_may_read(&daemon, &reader);
+
+    // Withdrawn by a reload: the socket is root's alone again.
+    daemon.rewrite_policy(&policy_with_read_group(&cgroup, None));
+    daemon.ctl_ok(&["reload"]);
+    let meta = std::fs::metadata(daemon.socket()).expect("socket exists");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    ctl_refused_as(&daemon, &reader, &["status"], EACCES_AT_CONNECT);
+
+    // And by SIGHUP, by name.
+    daemon.rewrite_policy(&policy_with_read_group(
+        &cgroup,
+        Some(&format!("{:?}", readers.name())),
+    ));
+    let before = daemon.status()["policy"]["sha256"].clone();
+    daemon.sighup();
+    daemon.wait_for_status(
+        "the policy with a read group",
+        Duration::from_secs(10),
+        |s| s["policy"]["sha256"] != before,
+    );
+    assert_may_read(&daemon, &reader);
+}
+
+#[test]
+fn privileged_socket_group_controls_and_read_group_reads_side_by_side() {
+    let cgroup = TestCgroup::new();
+    let operators = TestGroup::new();
+    let readers = TestGroup::new();
+    let daemon = Daemon::start_with_args(
+        &policy_with_read_group(&cgroup, Some(&format!("{:?}", readers.name()))),
+        &["--socket-group", operators.name()],
+    );
+    open_to_everyone(daemon.dir());
+    let meta = std::fs::metadata(daemon.socket()).expect("socket exists");
+    assert_eq!(
+        (meta.permissions().mode() & 0o777, meta.gid()),
+        (0o660, operators.gid()),
+        "the socket group owns the socket"
+    );
+    let operator = Identity::nobody_in(&[operators.gid()]);
+    let reader = Identity::nobody_in(&[readers.gid()]);
+    let outsider = Identity::nobody_in(&[]);
+
+    assert_may_read(&daemon, &operator);
+    ctl_ok_as(
+        &daemon,
+        &operator,
+        &["mode", "audit", "--workload", "probe"],
+    );
+    assert_eq!(daemon.workload("probe")["mode"], "audit");
+    ctl_ok_as(&daemon, &operator, &["reload"]);
+
+    assert_may_read(&daemon, &reader);
+    ctl_refused_as(
+        &daemon,
+        &reader,
+        &["mode", "strict", "--workload", "probe"],
+        "permission denied: set_mode",
+    );
+    assert_eq!(daemon.workload("probe")["mode"], "audit");
+
+    ctl_refused_as(&daemon, &outsider, &["status"], EACCES_AT_CONNECT);
 }

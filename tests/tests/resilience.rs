@@ -31,7 +31,7 @@ impl Loop {
         let probe = spawn_probe_in(
             cgroup,
             &[
-                "connect-loop",
+                "connect-pair",
                 &allowed.ip.to_string(),
                 &allowed.port_str(),
                 &refused.ip_str(),

@@ -8,8 +8,12 @@ use std::time::Duration;
 use anyhow::{Context, anyhow};
 use egressd_proto::{ProtoError, Request, Response, read_frame, write_frame};
 
-/// How long to wait for an answer, except while following events.
+/// How long to wait for an answer, except while following events and reloading.
 pub const TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `reload` waits: the daemon parses, compiles and writes a policy of 100,000 rules
+/// in a few seconds, more on a node whose CPUs are busy, and giving up early would leave the
+/// operator believing a reload failed that is still going on.
+pub const RELOAD_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The daemon refused the request (`Response::Error`); its message is the
 /// whole story.
@@ -19,6 +23,7 @@ pub struct DaemonError(pub String);
 
 pub struct Client {
     path: PathBuf,
+    read_timeout: Option<Duration>,
     reader: BufReader<UnixStream>,
     writer: UnixStream,
 }
@@ -44,14 +49,22 @@ impl Client {
         let writer = stream.try_clone().context("cloning the socket")?;
         Ok(Client {
             path: path.to_owned(),
+            read_timeout,
             reader: BufReader::new(stream),
             writer,
         })
     }
 
     pub fn send(&mut self, request: &Request) -> anyhow::Result<()> {
-        write_frame(&mut self.writer, request)
-            .map_err(|err| self.describe(err))
+        let Err(err) = write_frame(&mut self.writer, request) else {
+            return Ok(());
+        };
+        // The daemon refuses a client it does not admit before reading its request, and closes
+        // the connection: writing may then fail, but its answer is there to read.
+        if let Ok(Some(Response::Error { message })) = read_frame(&mut self.reader) {
+            return Err(DaemonError(message).into());
+        }
+        Err(self.describe(err))
             .with_context(|| format!("sending to egressd at {}", self.path.display()))
     }
 
@@ -86,7 +99,8 @@ impl Client {
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) =>
             {
-                anyhow!("no answer within {} s", TIMEOUT.as_secs())
+                let waited = self.read_timeout.unwrap_or(TIMEOUT);
+                anyhow!("no answer within {} s", waited.as_secs())
             }
             other => other.into(),
         }
@@ -126,7 +140,10 @@ fn os_message(err: &io::Error) -> String {
 fn hint(err: &io::Error) -> &'static str {
     match err.kind() {
         io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => " (is egressd running?)",
-        io::ErrorKind::PermissionDenied => " (run egressctl as root?)",
+        io::ErrorKind::PermissionDenied => {
+            " (run egressctl as root, or as a member of egressd's --socket-group or of the \
+             policy's [control] read_group)"
+        }
         _ => "",
     }
 }

@@ -1,4 +1,5 @@
-//! The control socket: newline-delimited JSON requests from `egressctl`, root only.
+//! The control socket: newline-delimited JSON requests from `egressctl`. Who may send what
+//! is decided in [`crate::access`].
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
@@ -11,10 +12,14 @@ use tokio::io::{BufReader, BufWriter};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 
+use crate::access::{Access, Peer, Role};
 use crate::engine::Engine;
 use crate::events::EventHub;
 
 const MAX_CLIENTS: usize = 64;
+/// Of those, the slots that only root and members of `--socket-group` may take: readers
+/// holding every other one (`egressctl events --follow`) never lock an operator out.
+const CONTROL_ONLY_CLIENTS: usize = 16;
 /// A client that sends nothing for this long is disconnected.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// A client that does not read its answers for this long is disconnected.
@@ -23,9 +28,39 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Shared {
     pub engine: Mutex<Engine>,
     pub events: EventHub,
-    /// Group whose members may use the control socket besides root.
-    pub socket_group: Option<u32>,
+    /// Who may use the control socket, and for what.
+    pub access: Access,
+    /// One reload at a time: the file is parsed outside the engine's lock, and a reload that
+    /// read an older file must not be installed after one that read a newer file.
+    pub reload_serial: tokio::sync::Mutex<()>,
     pub recorder: crate::recorder::Handle,
+}
+
+/// Reloads the policy file (SIGHUP, `egressctl reload`): it is read, parsed and its read group
+/// resolved on a blocking thread while the daemon keeps answering; only installing it takes
+/// the engine's lock. On any error the running policy stays in force.
+pub async fn reload(shared: &Shared) -> Result<String, String> {
+    let _serial = shared.reload_serial.lock().await;
+    let path = lock(shared)
+        .map_err(|e| e.to_string())?
+        .config_path()
+        .to_owned();
+    let loaded = tokio::task::spawn_blocking(move || {
+        let policy = egressd_policy::load(&path)?;
+        let read_group = crate::access::resolve_read_group(&policy)?;
+        Ok((policy, read_group))
+    })
+    .await
+    .map_err(|e| format!("reloading: the parsing task failed: {e}"))?;
+    let (loaded, read_group) = match loaded {
+        Ok((policy, read_group)) => (Ok(policy), Some(read_group)),
+        Err(error) => (Err(error), None),
+    };
+    let outcome = lock(shared).map_err(|e| e.to_string())?.reload(loaded);
+    if let (Ok(_), Some(read_group)) = (&outcome, read_group) {
+        shared.access.set_read_group(read_group);
+    }
+    outcome
 }
 
 /// Binds the socket: mode 0600 (0660 owned by `group` when one is configured), parent
@@ -61,7 +96,8 @@ pub fn bind(path: &Path, group: Option<u32>) -> anyhow::Result<UnixListener> {
 }
 
 pub async fn serve(listener: UnixListener, shared: Arc<Shared>, path: PathBuf) {
-    let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+    let shared_slots = Arc::new(Semaphore::new(MAX_CLIENTS - CONTROL_ONLY_CLIENTS));
+    let control_slots = Arc::new(Semaphore::new(CONTROL_ONLY_CLIENTS));
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -71,13 +107,29 @@ pub async fn serve(listener: UnixListener, shared: Arc<Shared>, path: PathBuf) {
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!("control socket: more than {MAX_CLIENTS} clients, refusing one");
+        let peer = Peer::of(&stream);
+        let Some(role) = peer.as_ref().and_then(|peer| shared.access.role(peer)) else {
+            // Refused before a byte is read: an outsider costs no slot and no parsing.
+            tracing::debug!(peer = ?peer, "control socket: refusing a client");
+            tokio::spawn(refuse(stream, crate::access::refusal(peer.as_ref())));
+            continue;
+        };
+        let slot = match role {
+            Role::Control => control_slots
+                .clone()
+                .try_acquire_owned()
+                .or_else(|_| shared_slots.clone().try_acquire_owned()),
+            Role::Read => shared_slots.clone().try_acquire_owned(),
+        };
+        let Ok(slot) = slot else {
+            tracing::warn!(?role, "control socket: too many clients, refusing one");
             continue;
         };
         let shared = shared.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(stream, &shared).await {
+            if let Some(peer) = peer
+                && let Err(e) = handle(stream, peer, &shared).await
+            {
                 tracing::debug!("control client: {e:#}");
             }
             drop(slot);
@@ -85,34 +137,11 @@ pub async fn serve(listener: UnixListener, shared: Arc<Shared>, path: PathBuf) {
     }
 }
 
-/// Root, or a member of the configured group (primary or supplementary, read from
-/// /proc/PID/status of the peer as the kernel reported it at connect time).
-fn peer_may_control(stream: &UnixStream, group: Option<u32>) -> bool {
-    let Ok(cred) = stream.peer_cred() else {
-        return false;
-    };
-    if cred.uid() == 0 {
-        return true;
-    }
-    let Some(group) = group else {
-        return false;
-    };
-    if cred.gid() == group {
-        return true;
-    }
-    let Some(pid) = cred.pid() else {
-        return false;
-    };
-    std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|status| {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix("Groups:"))
-            .is_some_and(|groups| {
-                groups
-                    .split_whitespace()
-                    .any(|g| g.parse::<u32>() == Ok(group))
-            })
-    })
+/// Tells a client it may not use the socket, and closes the connection.
+async fn refuse(stream: UnixStream, message: String) {
+    let (_, write) = stream.into_split();
+    let mut writer = BufWriter::new(write);
+    let _ = send(&mut writer, &Response::Error { message }).await;
 }
 
 async fn send(
@@ -125,8 +154,7 @@ async fn send(
     Ok(())
 }
 
-async fn handle(stream: UnixStream, shared: &Shared) -> anyhow::Result<()> {
-    let allowed = peer_may_control(&stream, shared.socket_group);
+async fn handle(stream: UnixStream, peer: Peer, shared: &Shared) -> anyhow::Result<()> {
     let (read, write) = stream.into_split();
     let mut reader = BufReader::new(read);
     let mut writer = BufWriter::new(write);
@@ -155,12 +183,21 @@ async fn handle(stream: UnixStream, shared: &Shared) -> anyhow::Result<()> {
                     continue;
                 }
             };
-        if !allowed {
-            let message = "permission denied: only root (or members of egressd's --socket-group) \
-                           may use the control socket"
-                .to_owned();
+        // Judged by the rules in force now: a reload may have withdrawn the read group since
+        // the client connected.
+        let Some(role) = shared.access.role(&peer) else {
+            let message = crate::access::refusal(Some(&peer));
             send(&mut writer, &Response::Error { message }).await?;
             return Ok(());
+        };
+        if let Err(message) = shared.access.check(role, &request) {
+            tracing::info!(
+                uid = peer.uid,
+                request = request.kind(),
+                "control socket: {message}"
+            );
+            send(&mut writer, &Response::Error { message }).await?;
+            continue;
         }
         match request {
             Request::Status => {
@@ -176,7 +213,7 @@ async fn handle(stream: UnixStream, shared: &Shared) -> anyhow::Result<()> {
                 send(&mut writer, &response).await?;
             }
             Request::Reload => {
-                let response = match lock(shared)?.reload() {
+                let response = match reload(shared).await {
                     Ok(message) => Response::Done { message },
                     Err(message) => Response::Error { message },
                 };

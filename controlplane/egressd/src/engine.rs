@@ -469,14 +469,16 @@ impl Engine {
         })
     }
 
-    /// Loads the policy file again; on any error the running policy stays in force.
-    pub fn reload(&mut self) -> Result<String, String> {
-        let result = egressd_policy::load(&self.config_path)
-            .map_err(|e| error_chain(&e))
-            .and_then(|policy| {
-                self.install(&policy).map_err(|e| format!("{e:#}"))?;
-                Ok(policy)
-            });
+    /// The policy file, read again by the caller (outside the daemon's lock, see
+    /// `control::reload`), put in force; on any error the running policy stays in force.
+    pub fn reload(
+        &mut self,
+        loaded: Result<Policy, egressd_policy::PolicyError>,
+    ) -> Result<String, String> {
+        let result = loaded.map_err(|e| error_chain(&e)).and_then(|policy| {
+            self.install(&policy).map_err(|e| format!("{e:#}"))?;
+            Ok(policy)
+        });
         match result {
             Ok(policy) => {
                 let message = format!(
@@ -559,6 +561,11 @@ impl Engine {
         };
         tracing::info!("{message}");
         Ok(message)
+    }
+
+    /// The policy file that reloads read.
+    pub fn config_path(&self) -> &std::path::Path {
+        &self.config_path
     }
 
     pub fn workload_name(&self, id: u32) -> Option<String> {

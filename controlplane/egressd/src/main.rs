@@ -1,6 +1,7 @@
 //! egressd: node-level egress firewall daemon.
 #![forbid(unsafe_code)]
 
+mod access;
 mod cgroups;
 mod control;
 mod engine;
@@ -86,6 +87,8 @@ async fn run(args: Args, json: bool) -> anyhow::Result<()> {
     // Everything that can be wrong with the input is checked before touching the kernel.
     let policy =
         egressd_policy::load(&args.config).map_err(|e| anyhow::anyhow!(engine::error_chain(&e)))?;
+    let read_group = access::resolve_read_group(&policy)
+        .map_err(|e| anyhow::anyhow!(engine::error_chain(&e)))?;
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("creating state directory {}", args.state_dir.display()))?;
     let modes = modes::ModeOverrides::load(&args.state_dir)?;
@@ -95,6 +98,8 @@ async fn run(args: Args, json: bool) -> anyhow::Result<()> {
     };
     let socket_group = args.socket_group.as_deref().map(group_id).transpose()?;
     let listener = control::bind(&args.socket, socket_group)?;
+    let access = access::Access::new(&args.socket, socket_group);
+    access.set_read_group(read_group);
 
     let mut datapath = egressd_datapath::Datapath::load(&cgroup_root, Some(&args.pin_dir))
         .with_context(|| format!("loading the eBPF datapath at {}", cgroup_root.display()))?;
@@ -122,7 +127,8 @@ async fn run(args: Args, json: bool) -> anyhow::Result<()> {
     let shared = Arc::new(Shared {
         engine: Mutex::new(engine),
         events: EventHub::new(json),
-        socket_group,
+        access,
+        reload_serial: tokio::sync::Mutex::new(()),
         recorder: recorder.clone(),
     });
     let recorder_thread = unstarted_recorder.start(shared.clone())?;
@@ -173,10 +179,8 @@ async fn run(args: Args, json: bool) -> anyhow::Result<()> {
     while let Some(signal) = signals.next().await {
         match signal {
             SIGHUP => {
-                if let Ok(mut engine) = shared.engine.lock() {
-                    // The outcome is logged and shown by `egressctl status`.
-                    let _ = engine.reload();
-                }
+                // The outcome is logged and shown by `egressctl status`.
+                let _ = control::reload(&shared).await;
             }
             _ => {
                 tracing::info!("signal {signal}: stopping");
@@ -257,6 +261,10 @@ async fn kernel_records(
     let mut answer_batch = Vec::with_capacity(EVENT_BATCH);
     let mut expiry = tokio::time::interval(DNS_EXPIRY_TICK);
     loop {
+        // While the kernel refuses connections in a tight loop the rings are never empty, so
+        // nothing below waits: without this the task would keep its worker thread forever,
+        // and the control socket, metrics and signals would get no answer.
+        tokio::task::yield_now().await;
         event_batch.clear();
         answer_batch.clear();
         let mut expire = false;

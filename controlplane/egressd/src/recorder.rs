@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -35,6 +36,11 @@ const MAX_PENDING_QUESTIONS: usize = 200_000;
 const MAX_DRAINED: usize = 100_000;
 /// Pending first-sight events kept while waiting for their summary (bounded memory).
 const MAX_PENDING_SIGHTINGS: usize = 100_000;
+/// Sightings sent to the recorder thread and not yet taken: beyond this (the thread is stuck
+/// in a long flush while a workload is refused thousands of times a second) they are
+/// dropped, so the queue's memory stays bounded. A dropped sighting only matters when its
+/// destination's kernel summary is also evicted before the next flush.
+const MAX_QUEUED_SIGHTINGS: usize = 65_536;
 
 /// A first sight (or refusal) the event stream reported.
 #[derive(Debug, Clone)]
@@ -58,12 +64,31 @@ pub enum Message {
 pub struct Handle {
     sender: Sender<Message>,
     status: Arc<Mutex<ObserveStatus>>,
+    queue: Arc<SightingQueue>,
+}
+
+/// How many sightings wait in the channel, and how many were dropped because too many did.
+#[derive(Default)]
+struct SightingQueue {
+    queued: AtomicUsize,
+    dropped: AtomicU64,
 }
 
 impl Handle {
     pub fn sighting(&self, sighting: Sighting) {
+        if self.queue.queued.load(Ordering::Relaxed) >= MAX_QUEUED_SIGHTINGS {
+            self.queue.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.queue.queued.fetch_add(1, Ordering::Relaxed);
         // The recorder outlives every sender but at shutdown; nothing to do then.
-        let _ = self.sender.send(Message::Sighting(Box::new(sighting)));
+        if self
+            .sender
+            .send(Message::Sighting(Box::new(sighting)))
+            .is_err()
+        {
+            self.queue.queued.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     pub fn question(&self, question: QuerySample) {
@@ -111,7 +136,9 @@ pub fn create(state_dir: &Path, settings: ObserveSettings) -> (Handle, Unstarted
         recovered_from_events: 0,
     }));
     let (sender, receiver) = std::sync::mpsc::channel();
+    let queue = Arc::new(SightingQueue::default());
     let mut recorder = Recorder {
+        queue: queue.clone(),
         path,
         store: None,
         settings,
@@ -124,7 +151,14 @@ pub fn create(state_dir: &Path, settings: ObserveSettings) -> (Handle, Unstarted
         questions_dropped: 0,
     };
     recorder.open_store();
-    (Handle { sender, status }, Unstarted { recorder, receiver })
+    (
+        Handle {
+            sender,
+            status,
+            queue,
+        },
+        Unstarted { recorder, receiver },
+    )
 }
 
 impl Unstarted {
@@ -243,6 +277,7 @@ struct Recorder {
     /// DNS questions answered since the last flush.
     questions: Vec<QuerySample>,
     questions_dropped: u64,
+    queue: Arc<SightingQueue>,
 }
 
 impl Recorder {
@@ -257,7 +292,7 @@ impl Recorder {
             };
             match first {
                 Some(Message::Sighting(sighting)) => {
-                    self.pend(*sighting);
+                    self.take(*sighting);
                     continue;
                 }
                 Some(Message::Question(question)) => {
@@ -274,7 +309,7 @@ impl Recorder {
             let queued = std::iter::from_fn(|| receiver.try_recv().ok()).take(MAX_DRAINED);
             for message in first.into_iter().chain(queued) {
                 match message {
-                    Message::Sighting(sighting) => self.pend(*sighting),
+                    Message::Sighting(sighting) => self.take(*sighting),
                     Message::Question(question) => self.question(*question),
                     Message::Flush(reply) => requests.push(reply),
                     Message::Stop => stop = true,
@@ -300,6 +335,12 @@ impl Recorder {
         } else {
             self.questions_dropped += 1;
         }
+    }
+
+    /// A sighting out of the channel.
+    fn take(&mut self, sighting: Sighting) {
+        self.queue.queued.fetch_sub(1, Ordering::Relaxed);
+        self.pend(sighting);
     }
 
     fn pend(&mut self, sighting: Sighting) {
@@ -332,6 +373,15 @@ impl Recorder {
     }
 
     fn flush(&mut self, shared: &Shared) -> Result<FlushReport, String> {
+        let dropped = self.queue.dropped.swap(0, Ordering::Relaxed);
+        if dropped > 0 {
+            tracing::warn!(
+                dropped,
+                "the observation recorder fell behind the event stream: {dropped} first \
+                 sightings dropped (their destinations are still recorded from the kernel's \
+                 summaries unless those were evicted)"
+            );
+        }
         let result = self.try_flush(shared);
         if let Err(message) = &result {
             self.set_error(message.clone());

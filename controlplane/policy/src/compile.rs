@@ -15,11 +15,13 @@ use crate::cidr::parse_cidr;
 use crate::error::{Diagnostic, Location, PolicyError, SourceMap};
 use crate::fqdn::FqdnPattern;
 use crate::model::{
-    AllowRule, DaemonSettings, Defaults, Destination, DnsSettings, HOST_WORKLOAD, MAX_WORKLOADS,
-    MetricsSettings, ObserveSettings, OnStop, Policy, PolicySource, Workload,
+    AllowRule, ControlSettings, DaemonSettings, Defaults, Destination, DnsSettings, GroupRef,
+    GroupSetting, HOST_WORKLOAD, MAX_WORKLOADS, MetricsSettings, ObserveSettings, OnStop, Policy,
+    PolicySource, Workload,
 };
 use crate::raw::{
-    RawAllow, RawDns, RawDuration, RawMetrics, RawObserve, RawPolicy, RawPort, RawWorkload,
+    RawAllow, RawControl, RawDns, RawDuration, RawGroup, RawMetrics, RawObserve, RawPolicy,
+    RawPort, RawWorkload,
 };
 use crate::types::{Mode, PortRange, Protocol, Unmatched};
 
@@ -148,6 +150,7 @@ impl Compiler<'_> {
             .as_ref()
             .and_then(|value| self.value(value, |s| s.parse::<OnStop>()))
             .unwrap_or_default();
+        let control = self.control(raw.control);
         let workloads = self.workloads(raw.workloads);
         Policy {
             mode,
@@ -156,9 +159,25 @@ impl Compiler<'_> {
             metrics,
             observe,
             daemon: DaemonSettings { on_stop },
+            control,
             workloads,
             source,
         }
+    }
+
+    fn control(&mut self, raw: RawControl) -> ControlSettings {
+        let read_group = raw.read_group.and_then(|value| {
+            let span = value.span();
+            let location = self.location(&span);
+            match parse_group(value.into_inner()) {
+                Ok(group) => Some(GroupSetting { group, location }),
+                Err(message) => {
+                    self.error(span, format!("read_group: {message}"));
+                    None
+                }
+            }
+        });
+        ControlSettings { read_group }
     }
 
     fn mode(&mut self, value: &Spanned<String>) -> Option<Mode> {
@@ -486,6 +505,44 @@ impl Compiler<'_> {
             reason,
             location,
         })
+    }
+}
+
+/// A group name, or a GID as a number or a string of digits. Names are checked for shape
+/// only: whether the group exists is the daemon's business (the file may be checked on
+/// another machine).
+fn parse_group(raw: RawGroup) -> Result<GroupRef, String> {
+    let gid = |n: i64| {
+        // (gid_t)-1 means "no change" to the kernel: never a group.
+        u32::try_from(n)
+            .ok()
+            .filter(|gid| *gid != u32::MAX)
+            .map(GroupRef::Id)
+            .ok_or_else(|| format!("GID {n} is out of range: expected 0 to {}", u32::MAX - 1))
+    };
+    match raw {
+        RawGroup::Number(n) => gid(n),
+        RawGroup::Text(text) if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) => {
+            gid(text.parse::<i64>().unwrap_or(i64::MAX))
+        }
+        RawGroup::Text(text) => {
+            let max = GroupRef::MAX_NAME_LEN;
+            let body = text.strip_suffix('$').unwrap_or(&text);
+            let valid = (1..=max).contains(&text.len())
+                && !body.is_empty()
+                && !body.starts_with('-')
+                && body
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+            if valid {
+                Ok(GroupRef::Name(text))
+            } else {
+                Err(format!(
+                    "invalid group name {text:?}: use 1 to {max} letters, digits, '.', '_' or \
+                     '-' (not first), or a numeric GID"
+                ))
+            }
+        }
     }
 }
 

@@ -28,6 +28,7 @@ pub struct Policy {
     pub metrics: MetricsSettings,
     pub observe: ObserveSettings,
     pub daemon: DaemonSettings,
+    pub control: ControlSettings,
     pub workloads: Vec<Workload>,
     pub source: PolicySource,
 }
@@ -57,6 +58,44 @@ impl std::str::FromStr for OnStop {
             other => Err(format!(
                 "invalid on_stop {other:?}: expected \"keep\" or \"detach\""
             )),
+        }
+    }
+}
+
+/// `[control]`: who may use the control socket besides root and the members of
+/// `egressd --socket-group` (who may do everything).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ControlSettings {
+    /// Members may use the read-only requests (`egressctl status`, `events`, `dns`) and
+    /// nothing else. Default: none.
+    pub read_group: Option<GroupSetting>,
+}
+
+/// A group named in the policy, with where it is named: the daemon resolves names against
+/// the system's group database and reports an unknown one at this location.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupSetting {
+    pub group: GroupRef,
+    pub location: Location,
+}
+
+/// A Unix group, by name or number.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum GroupRef {
+    Id(u32),
+    Name(String),
+}
+
+impl GroupRef {
+    /// Longest group name accepted (shadow-utils' default limit).
+    pub const MAX_NAME_LEN: usize = 32;
+}
+
+impl std::fmt::Display for GroupRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GroupRef::Id(gid) => write!(f, "{gid}"),
+            GroupRef::Name(name) => write!(f, "{name:?}"),
         }
     }
 }

@@ -19,6 +19,7 @@ pub(crate) struct RawPolicy {
     pub metrics: RawMetrics,
     pub observe: RawObserve,
     pub daemon: RawDaemon,
+    pub control: RawControl,
     #[serde(rename = "workload")]
     pub workloads: Vec<Spanned<RawWorkload>>,
 }
@@ -50,6 +51,12 @@ pub(crate) struct RawObserve {
     pub flush_interval: Option<Spanned<RawDuration>>,
     pub retention_days: Option<Spanned<i64>>,
     pub max_rows: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct RawControl {
+    pub read_group: Option<Spanned<RawGroup>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -107,6 +114,35 @@ impl<'de> Deserialize<'de> for RawPort {
             }
         }
         deserializer.deserialize_any(PortVisitor)
+    }
+}
+
+/// `"egressd-readers"`, `"1042"` or `1042`.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum RawGroup {
+    Number(i64),
+    Text(String),
+}
+
+impl<'de> Deserialize<'de> for RawGroup {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct GroupVisitor;
+        impl Visitor<'_> for GroupVisitor {
+            type Value = RawGroup;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a group name or a numeric GID")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<RawGroup, E> {
+                Ok(RawGroup::Number(v))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<RawGroup, E> {
+                Ok(RawGroup::Number(i64::try_from(v).unwrap_or(i64::MAX)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawGroup, E> {
+                Ok(RawGroup::Text(v.to_owned()))
+            }
+        }
+        deserializer.deserialize_any(GroupVisitor)
     }
 }
 

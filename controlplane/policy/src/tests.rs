@@ -1044,3 +1044,87 @@ fn daemon_on_stop_defaults_to_keep() {
         "invalid on_stop \"unload\": expected \"keep\" or \"detach\"",
     );
 }
+
+#[test]
+fn control_read_group_by_name_or_gid() {
+    assert_eq!(ok("").control, ControlSettings::default());
+    let text = "mode = \"strict\"\n\n[control]\nread_group = \"egressd-readers\"\n";
+    let by_name = ok(text).control.read_group.expect("a read group");
+    assert_eq!(by_name.group, GroupRef::Name("egressd-readers".to_owned()));
+    let (line, column) = position(text, "\"egressd-readers\"", 0);
+    assert_eq!(
+        (by_name.location.line, by_name.location.column),
+        (line, column),
+        "the daemon reports an unknown group at the value"
+    );
+    for (value, expected) in [
+        ("1042", GroupRef::Id(1042)),
+        ("\"1042\"", GroupRef::Id(1042)),
+        ("0", GroupRef::Id(0)),
+        ("\"build$\"", GroupRef::Name("build$".to_owned())),
+        (
+            "\"Domain.Users_1\"",
+            GroupRef::Name("Domain.Users_1".to_owned()),
+        ),
+    ] {
+        let policy = ok(&format!("[control]\nread_group = {value}\n"));
+        assert_eq!(
+            policy.control.read_group.map(|setting| setting.group),
+            Some(expected),
+            "{value}"
+        );
+    }
+}
+
+#[test]
+fn control_read_group_errors_name_the_value() {
+    for (text, needle, expected) in [
+        (
+            "[control]\nread_group = -1\n",
+            "-1",
+            "read_group: GID -1 is out of range: expected 0 to 4294967294",
+        ),
+        (
+            "[control]\nread_group = 4294967295\n",
+            "4294967295",
+            "read_group: GID 4294967295 is out of range",
+        ),
+        (
+            "[control]\nread_group = \"99999999999\"\n",
+            "\"99999999999\"",
+            "read_group: GID 99999999999 is out of range",
+        ),
+        (
+            "[control]\nread_group = \"\"\n",
+            "\"\"",
+            "read_group: invalid group name \"\"",
+        ),
+        (
+            "[control]\nread_group = \"wheel group\"\n",
+            "\"wheel group\"",
+            "read_group: invalid group name \"wheel group\"",
+        ),
+        (
+            "[control]\nread_group = \"-x\"\n",
+            "\"-x\"",
+            "read_group: invalid group name \"-x\"",
+        ),
+        (
+            "[control]\nread_group = \"a-name-that-is-much-longer-than-32-chars\"\n",
+            "\"a-name",
+            "read_group: invalid group name",
+        ),
+        (
+            "[control]\nread_group = true\n",
+            "true",
+            "expected a group name or a numeric GID",
+        ),
+        (
+            "[control]\nwrite_group = \"adm\"\n",
+            "write_group",
+            "unknown field `write_group`",
+        ),
+    ] {
+        assert_error(text, needle, expected);
+    }
+}

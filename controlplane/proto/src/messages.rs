@@ -55,6 +55,30 @@ pub enum Request {
     Flush,
 }
 
+impl Request {
+    /// The request's `request` tag, as the wire and error messages name it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Request::Status => "status",
+            Request::SetMode { .. } => "set_mode",
+            Request::Reload => "reload",
+            Request::Events { .. } => "events",
+            Request::Dns { .. } => "dns",
+            Request::Flush => "flush",
+        }
+    }
+
+    /// Whether the request only reads what the daemon shows (status, events, learned
+    /// names): what members of `[control] read_group` may send. A flush writes the
+    /// observation store, so it is not.
+    pub fn is_read_only(&self) -> bool {
+        match self {
+            Request::Status | Request::Events { .. } | Request::Dns { .. } => true,
+            Request::SetMode { .. } | Request::Reload | Request::Flush => false,
+        }
+    }
+}
+
 /// The mode a `set_mode` request asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -536,6 +560,18 @@ pub(crate) mod tests {
             Response::Event(would_deny),
             Response::EndOfEvents,
         ]
+    }
+
+    #[test]
+    fn kind_is_the_wire_tag_and_only_reads_are_read_only() {
+        let mut requests = all_requests();
+        requests.extend([Request::Dns { workload: None }, Request::Flush]);
+        for request in requests {
+            let json = serde_json::to_value(&request).expect("serialize");
+            assert_eq!(json["request"], request.kind(), "{json}");
+            let read_only = matches!(request.kind(), "status" | "events" | "dns");
+            assert_eq!(request.is_read_only(), read_only, "{json}");
+        }
     }
 
     #[test]

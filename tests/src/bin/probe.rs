@@ -16,7 +16,7 @@
 //! egressd-probe fork-connect ADDR PORT PROCS   # socket, fork, child moves to PROCS, connects
 //! egressd-probe pass-socket UNIX_PATH          # TCP socket sent with SCM_RIGHTS to UNIX_PATH
 //! egressd-probe sleep SECS
-//! egressd-probe connect-loop ALLOWED_ADDR PORT REFUSED_ADDR PORT STOP_FILE
+//! egressd-probe connect-pair ALLOWED_ADDR PORT REFUSED_ADDR PORT STOP_FILE
 //!                                              # alternates connects to both until STOP_FILE
 //!                                              # exists (at most 120 s); reports counts
 //! egressd-probe thread-write ADDR PORT BYTES GO_FILE   # connects, a thread named
@@ -26,6 +26,8 @@
 //! egressd-probe race RESOLVER COUNT PORT LIMIT_SECS
 //! egressd-probe connect-hold ADDR PORT GO_FILE
 //! egressd-probe dns-query RESOLVER NAME WAIT_MS [aaaa]
+//! egressd-probe connect-loop STOP_FILE LIMIT_SECS ADDR PORT [ADDR PORT]...   # load actions:
+//! egressd-probe dns-flood STOP_FILE LIMIT_SECS RESOLVER SUFFIX NAMES          # see load.rs
 //! ```
 
 use std::fs;
@@ -50,6 +52,8 @@ use serde_json::{Value, json};
 // Beside this crate root in its own folder, so cargo does not take it for a binary.
 #[path = "probe/dns.rs"]
 mod dns;
+#[path = "probe/load.rs"]
+mod load;
 
 /// Bound on every blocking step (connect, send, waiting for a peer).
 const STEP_TIMEOUT: Duration = Duration::from_secs(2);
@@ -68,9 +72,11 @@ fork-connect ADDR PORT CGROUP_PROCS_FILE | pass-socket UNIX_PATH | sleep SECS | 
 resolve-connect RESOLVER NAME PORT [aaaa] [tcp-dns] | race RESOLVER COUNT PORT LIMIT_SECS | \
 connect-hold ADDR PORT GO_FILE | dns-query RESOLVER NAME WAIT_MS [aaaa] | \
 thread-write ADDR PORT BYTES GO_FILE | \
-connect-loop ALLOWED_ADDR PORT REFUSED_ADDR PORT STOP_FILE>";
+connect-pair ALLOWED_ADDR PORT REFUSED_ADDR PORT STOP_FILE | \
+connect-loop STOP_FILE LIMIT_SECS ADDR PORT... | \
+dns-flood STOP_FILE LIMIT_SECS RESOLVER SUFFIX NAMES>";
 
-/// Upper bound on one `connect-loop` run.
+/// Upper bound on one `connect-pair` run.
 const MAX_LOOP: Duration = Duration::from_secs(120);
 
 /// The name of the thread `thread-write` writes from.
@@ -100,6 +106,9 @@ enum Action {
     ConnectLoop(SocketAddr, SocketAddr, PathBuf),
     /// An action of the FQDN tests (`dns.rs`), which reports its own JSON.
     Dns(dns::Action),
+    /// A long-running action of the reload and load tests (`load.rs`), which reports its
+    /// own JSON.
+    Load(load::Action),
 }
 
 /// Why the action failed: the step, the errno (0 when there is none) and a text.
@@ -169,6 +178,7 @@ fn main() -> ExitCode {
         }
         Action::IcmpPing(ip) => icmp_ping(ip),
         Action::Dns(action) => dns::run(action),
+        Action::Load(action) => load::run(action),
         action => report(run(action)),
     };
     println!("{line}");
@@ -179,6 +189,9 @@ fn parse(args: &[String]) -> Result<Action, String> {
     let words: Vec<&str> = args.iter().map(String::as_str).collect();
     if let Some(action) = dns::parse(&words) {
         return action.map(Action::Dns);
+    }
+    if let Some(action) = load::parse(&words) {
+        return action.map(Action::Load);
     }
     match words.as_slice() {
         ["tcp-connect", addr, port] => Ok(Action::TcpConnect(socket_addr(addr, port)?)),
@@ -197,7 +210,7 @@ fn parse(args: &[String]) -> Result<Action, String> {
             PathBuf::from(go_file),
         )),
         [
-            "connect-loop",
+            "connect-pair",
             allowed,
             allowed_port,
             refused,
@@ -357,7 +370,7 @@ fn run(action: Action) -> Outcome {
             std::thread::sleep(Duration::from_secs(secs));
             Ok(())
         }
-        Action::ForkConnect(..) | Action::Dns(..) | Action::ConnectLoop(..) => {
+        Action::ForkConnect(..) | Action::Dns(..) | Action::ConnectLoop(..) | Action::Load(..) => {
             Err(Failure::other("internal", "handled in main"))
         }
         Action::ThreadWrite(addr, bytes, go_file) => thread_write(addr, bytes, &go_file),

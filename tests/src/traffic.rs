@@ -1,0 +1,154 @@
+//! Long-running probes of the reload and load tests: a stop file to end them, and their
+//! reports read back.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use tempfile::TempDir;
+
+use crate::cgroup::TestCgroup;
+use crate::probe::{ProbeResult, RunningProbe, spawn_probe_in};
+
+/// The file whose creation ends `connect-loop` and `dns-flood` probes (they also stop at
+/// their time limit). Lives in its own temporary directory, removed when dropped.
+#[derive(Debug)]
+pub struct StopFile {
+    dir: TempDir,
+    path: PathBuf,
+}
+
+impl StopFile {
+    #[expect(
+        clippy::new_without_default,
+        reason = "creating a temporary directory is a side effect, not a default value"
+    )]
+    pub fn new() -> StopFile {
+        let dir = tempfile::Builder::new()
+            .prefix("egressd-test-stop-")
+            .tempdir()
+            .expect("create a temporary directory for the stop file");
+        let path = dir.path().join("stop");
+        StopFile { dir, path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn path_str(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    /// Tells every probe watching this file to finish and report.
+    pub fn stop(&self) {
+        std::fs::write(&self.path, b"stop").unwrap_or_else(|err| {
+            panic!(
+                "cannot create the stop file in {}: {err}",
+                self.dir.path().display()
+            )
+        });
+    }
+}
+
+/// Starts `connect-loop` in `cgroup`: TCP connects to each of `targets` (`(ip, port)`) in
+/// turn until `stop` exists or `limit_secs` pass.
+pub fn spawn_connect_loop(
+    cgroup: &TestCgroup,
+    stop: &StopFile,
+    limit_secs: u64,
+    targets: &[(String, u16)],
+) -> RunningProbe {
+    let mut args = vec![
+        "connect-loop".to_owned(),
+        stop.path_str(),
+        limit_secs.to_string(),
+    ];
+    for (ip, port) in targets {
+        args.push(ip.clone());
+        args.push(port.to_string());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    spawn_probe_in(cgroup, &args)
+}
+
+/// What `connect-loop` reported for one target.
+#[derive(Debug, Clone)]
+pub struct ConnectCounts {
+    /// `ip:port`.
+    pub address: String,
+    pub attempts: u64,
+    pub connected: u64,
+    /// Refused by the datapath.
+    pub eperm: u64,
+    /// Anything else (a timeout, a full backlog): neither allowed nor refused by egressd.
+    pub other_errors: u64,
+    pub max_connect_us: u64,
+    /// The target's whole entry (first outcomes of each kind with their time).
+    pub report: Value,
+}
+
+impl std::fmt::Display for ConnectCounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: {} attempts, {} connected, {} EPERM, {} other errors, slowest connect {} us",
+            self.address,
+            self.attempts,
+            self.connected,
+            self.eperm,
+            self.other_errors,
+            self.max_connect_us
+        )
+    }
+}
+
+/// The per-target counts of a `connect-loop` report, in the order the targets were given.
+pub fn connect_counts(result: &ProbeResult) -> Vec<ConnectCounts> {
+    let count = |entry: &Value, field: &str| {
+        entry[field]
+            .as_u64()
+            .unwrap_or_else(|| panic!("connect-loop report without {field}: {result}"))
+    };
+    result.report["targets"]
+        .as_array()
+        .unwrap_or_else(|| panic!("connect-loop report without targets: {result}"))
+        .iter()
+        .map(|entry| ConnectCounts {
+            address: entry["address"].as_str().unwrap_or("?").to_owned(),
+            attempts: count(entry, "attempts"),
+            connected: count(entry, "connected"),
+            eperm: count(entry, "eperm"),
+            other_errors: count(entry, "other_errors"),
+            max_connect_us: count(entry, "max_connect_us"),
+            report: entry.clone(),
+        })
+        .collect()
+}
+
+/// `p` (0..=100) percentile of `samples` (nearest rank); `None` when there are none.
+pub fn percentile<T: Copy + Ord>(samples: &[T], p: u32) -> Option<T> {
+    if samples.is_empty() {
+        return None;
+    }
+    let mut sorted = samples.to_vec();
+    sorted.sort_unstable();
+    let rank = (u64::from(p.min(100)) * sorted.len() as u64).div_ceil(100);
+    let index = usize::try_from(rank.saturating_sub(1)).unwrap_or(usize::MAX);
+    sorted.get(index.min(sorted.len() - 1)).copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_use_the_nearest_rank() {
+        let samples: Vec<u32> = (1..=100).collect();
+        assert_eq!(percentile(&samples, 50), Some(50));
+        assert_eq!(percentile(&samples, 99), Some(99));
+        assert_eq!(percentile(&samples, 100), Some(100));
+        assert_eq!(percentile(&[7u32], 99), Some(7));
+        assert_eq!(percentile::<u32>(&[], 50), None);
+        assert_eq!(percentile(&[3u32, 1, 2], 0), Some(1));
+    }
+}
