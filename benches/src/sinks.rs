@@ -3,35 +3,32 @@
 
 use std::io::Read as _;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::AsRawFd as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use nix::sys::socket::{
-    AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, bind, listen, setsockopt, socket,
-    sockopt,
-};
+use socket2::{Domain, Socket, Type};
 
 /// A stream reader gives up on a silent peer after this long.
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Connections may queue faster than the accept threads take them when the machine is busy;
+/// a full queue drops SYNs and stalls the client a second per drop. The benchmark's namespace
+/// raises net.core.somaxconn to match (`netns::enter_private`).
+pub const BACKLOG: i32 = 65_535;
+
 fn listener(addr: SocketAddrV4) -> anyhow::Result<TcpListener> {
-    let fd = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .context("socket")?;
-    setsockopt(&fd, sockopt::ReuseAddr, &true).context("SO_REUSEADDR")?;
-    bind(fd.as_raw_fd(), &SockaddrIn::from(addr)).with_context(|| format!("bind {addr}"))?;
-    // Connections may queue faster than one thread accepts them: a short backlog would drop
-    // SYNs and stall clients for a second.
-    listen(&fd, Backlog::MAXCONN).with_context(|| format!("listen {addr}"))?;
-    Ok(TcpListener::from(fd))
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).context("socket")?;
+    socket.set_reuse_address(true).context("SO_REUSEADDR")?;
+    socket
+        .bind(&SocketAddr::V4(addr).into())
+        .with_context(|| format!("bind {addr}"))?;
+    socket
+        .listen(BACKLOG)
+        .with_context(|| format!("listen {addr}"))?;
+    Ok(socket.into())
 }
 
 /// Threads accepting on one listener: when the machine is busy one of them may wait for a
