@@ -25,5 +25,8 @@ cargo test --locked --workspace --exclude egressd-tests --exclude egressd-ebpf
 echo "== end-to-end tests (real kernel, real cgroups; serial: each daemon attaches at the cgroup root)"
 cargo test --locked -p egressd-tests -- --test-threads=1
 
+echo "== benchmarks, quick: each scenario once, briefly, to prove the harness works (no timing is asserted)"
+EGRESSD_BENCH_PROFILE=debug bash scripts/bench.sh --quick --out target/bench-quick >/dev/null
+
 echo "== packages (.deb installed on this machine and removed again, .rpm into a scratch root)"
 bash tests/packaging.sh

@@ -43,7 +43,7 @@ fn truncate(prefix: &Prefix, len: u8) -> Prefix {
     let mask = if bits == 0 {
         0
     } else {
-        u128::MAX << (128 - bits)
+        u128::MAX << (128 - u32::from(len))
     };
     ((u128::from_be_bytes(prefix.0) & mask).to_be_bytes(), len)
 }
@@ -253,6 +253,46 @@ mod tests {
             .get(&to_prefix(&"10.0.0.0/8".parse().expect("net")))
             .expect("wide entry");
         assert_eq!(rules_of(wide), vec![(IPPROTO_TCP, 0, 65535)]);
+    }
+
+    #[test]
+    fn every_covering_prefix_is_inherited_and_no_other() {
+        // Nested, sibling and cross-family prefixes, each with its own port (spaced, so
+        // merging never joins two): the ports of an entry name the rules that reached it.
+        let nets = [
+            "::/0",
+            "::ffff:0:0/96",
+            "10.0.0.0/8",
+            "10.1.0.0/16",
+            "10.1.2.0/24",
+            "10.1.2.3/32",
+            "10.1.3.0/24",
+            "11.0.0.0/8",
+            "2001:db8::/32",
+            "2001:db8::1/128",
+        ];
+        let port = |index: usize| 10 * (u16::try_from(index).expect("few rules") + 1);
+        let rules: Vec<CidrRule> = nets
+            .iter()
+            .enumerate()
+            .map(|(i, net)| rule(net, &[(port(i), port(i))], Protocol::Tcp))
+            .collect();
+        let entries = compile_workload("w", &rules).expect("compiles");
+        for net in nets {
+            let inner = to_prefix(&net.parse().expect("net"));
+            // The reference: every rule whose prefix is no longer and agrees on its bits.
+            let mut expected: Vec<(u8, u16, u16)> = nets
+                .iter()
+                .enumerate()
+                .filter(|(_, outer)| {
+                    let outer = to_prefix(&outer.parse().expect("net"));
+                    outer.1 <= inner.1 && truncate(&inner, outer.1) == outer
+                })
+                .map(|(i, _)| (IPPROTO_TCP, port(i), port(i)))
+                .collect();
+            expected.sort_unstable();
+            assert_eq!(rules_of(&entries[&inner]), expected, "{net}");
+        }
     }
 
     #[test]

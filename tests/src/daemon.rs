@@ -3,6 +3,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::rc::Rc;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -30,10 +31,33 @@ pub const PIN_ROOT: &str = "/sys/fs/bpf";
 /// Lock file shared by every test process that runs a daemon.
 const LOCK_FILE: &str = "/tmp/egressd-tests.lock";
 
-/// One daemon at a time in this process...
+/// One daemon at a time in this process (the lock file orders processes).
 static SERIAL: Mutex<()> = Mutex::new(());
 
-/// ...and across processes (test binaries run in parallel, nextest).
+/// The right to attach egressd at the cgroup root: one holder at a time, in this process
+/// (a mutex) and across processes (a lock file, so test binaries run in parallel and
+/// nextest take turns too). [`Daemon::start`] takes it for the life of its daemon. A
+/// benchmark that alternates egressd with other firewalls holds it across several daemons
+/// ([`DaemonLock::acquire`], [`Daemon::start_holding`]) so that no test daemon attaches in
+/// between and slows the configurations it compares with.
+pub struct DaemonLock {
+    _file: File,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl DaemonLock {
+    /// Waits (polling every 50 ms, at most 10 minutes) until no other daemon of the tests
+    /// runs, then holds the lock until dropped.
+    pub fn acquire() -> DaemonLock {
+        let serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+        DaemonLock {
+            _file: lock_file(),
+            _serial: serial,
+        }
+    }
+}
+
+/// [`LOCK_FILE`], locked (waiting at most [`SERIAL_TIMEOUT`]).
 fn lock_file() -> File {
     let file = OpenOptions::new()
         .create(true)
@@ -69,8 +93,7 @@ pub struct Daemon {
     stdout_log: PathBuf,
     stderr_log: PathBuf,
     // Released after `drop` has stopped the daemon (fields drop after the body).
-    _lock: File,
-    _serial: MutexGuard<'static, ()>,
+    _lock: Rc<DaemonLock>,
 }
 
 impl Daemon {
@@ -87,8 +110,16 @@ impl Daemon {
         egressd_bin();
         egressctl_bin();
         probe_bin();
-        let serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
-        let lock = lock_file();
+        Daemon::start_holding(Rc::new(DaemonLock::acquire()), policy_toml, extra_args)
+    }
+
+    /// [`Daemon::start_with_args`] under a [`DaemonLock`] the caller already holds; the
+    /// daemon keeps it until it has stopped.
+    pub fn start_holding(lock: Rc<DaemonLock>, policy_toml: &str, extra_args: &[&str]) -> Daemon {
+        require_root();
+        cgroup2_root();
+        egressd_bin();
+        egressctl_bin();
         let dir = tempfile::Builder::new()
             .prefix("egressd-test-")
             .tempdir()
@@ -116,7 +147,6 @@ impl Daemon {
             stdout_log,
             stderr_log,
             _lock: lock,
-            _serial: serial,
         };
         daemon.spawn();
         daemon.wait_ready();
