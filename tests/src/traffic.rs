@@ -141,6 +141,9 @@ pub struct StatusSample {
     pub at: Duration,
     /// Wall time of the whole command (process start included).
     pub latency: Duration,
+    /// The daemon's part: one `status` request and its answer on a connection the sampler
+    /// opens itself (`None` when it failed).
+    pub request_latency: Option<Duration>,
     /// It exited 0 and printed the daemon's status.
     pub answered: bool,
     /// egressctl's stderr when it did not.
@@ -182,9 +185,11 @@ impl StatusSampler {
                     let answered = output.status.success()
                         && serde_json::from_slice::<Value>(&output.stdout)
                             .is_ok_and(|status| status["pid"] == daemon_pid);
+                    let request_latency = status_request(&socket);
                     samples.push(StatusSample {
                         at,
                         latency,
+                        request_latency,
                         answered,
                         error: (!answered)
                             .then(|| String::from_utf8_lossy(&output.stderr).into_owned()),
@@ -219,6 +224,22 @@ impl Drop for StatusSampler {
             let _ = thread.join();
         }
     }
+}
+
+/// How long one `status` request takes on a fresh connection to `socket`, answer read.
+fn status_request(socket: &Path) -> Option<Duration> {
+    use std::io::{BufRead as _, Write as _};
+    let started = Instant::now();
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).ok()?;
+    stream.set_read_timeout(Some(STATUS_BOUND)).ok()?;
+    stream.write_all(b"{\"request\":\"status\"}\n").ok()?;
+    let mut answer = String::new();
+    std::io::BufReader::new(&stream)
+        .read_line(&mut answer)
+        .ok()?;
+    answer
+        .contains("\"response\":\"status\"")
+        .then(|| started.elapsed())
 }
 
 /// Resident memory of `pid` in KiB (`VmRSS:` of /proc/PID/status).
