@@ -239,7 +239,7 @@ done
 check "egressd-policy(5) documents every policy key" bash -c '
   text=$(MANWIDTH=200 man -l /usr/share/man/man5/egressd-policy.5.gz 2>/dev/null)
   for key in mode "\[defaults\]" unmatched deny "\[dns\]" resolvers min_ttl max_ips_per_name grace \
-    "\[metrics\]" enabled listen "\[\[workload\]\]" name cgroup raw_sockets allow cidr fqdn ports protocol reason; do
+    "\[metrics\]" enabled listen "\[control\]" read_group "\[\[workload\]\]" name cgroup raw_sockets allow cidr fqdn ports protocol reason; do
     grep -q "$key" <<<"$text" || { echo "missing: $key"; exit 1; }
   done'
 check "egressctl(8) documents every subcommand" bash -c '

@@ -59,6 +59,8 @@ pub struct DnsmasqBuilder {
     /// `--cname=ALIAS,TARGET`.
     cnames: Vec<(String, String)>,
     local_ttl: Option<u32>,
+    /// `--log-queries` (default on; a flood would write hundreds of megabytes).
+    log_queries: bool,
 }
 
 impl DnsmasqBuilder {
@@ -101,6 +103,12 @@ impl DnsmasqBuilder {
         self
     }
 
+    /// Without `--log-queries`: for floods of queries.
+    pub fn without_query_log(mut self) -> DnsmasqBuilder {
+        self.log_queries = false;
+        self
+    }
+
     /// `--local-ttl=SECS`: the TTL of every answer (dnsmasq's default is 0).
     pub fn local_ttl(mut self, secs: u32) -> DnsmasqBuilder {
         self.local_ttl = Some(secs);
@@ -135,8 +143,10 @@ impl DnsmasqBuilder {
             // Stays root: the hosts file lives in a private temporary directory.
             .arg("--user=root")
             .arg(format!("--addn-hosts={}", hosts.display()))
-            .arg("--log-queries")
             .arg(format!("--log-facility={}", log.display()));
+        if self.log_queries {
+            command.arg("--log-queries");
+        }
         if let Some(ttl) = self.local_ttl {
             command.arg(format!("--local-ttl={ttl}"));
         }
@@ -187,6 +197,7 @@ impl Dnsmasq {
             host_records: Vec::new(),
             cnames: Vec::new(),
             local_ttl: None,
+            log_queries: true,
         }
     }
 

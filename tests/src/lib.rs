@@ -46,7 +46,10 @@ pub use net::{TcpServer, TcpSink, TcpTarget, UdpTarget, destination};
 pub use policy::{DnsSettings, WorkloadSpec, allow, allow_fqdn, line_of, policy_toml};
 pub use probe::{ProbeResult, RunningProbe, run_probe, run_probe_in, spawn_probe_in};
 pub use sysctl::{PING_GROUP_RANGE, SysctlGuard, allow_ping_sockets};
-pub use traffic::{ConnectCounts, StopFile, connect_counts, percentile, spawn_connect_loop};
+pub use traffic::{
+    ConnectCounts, StatusSample, StatusSampler, StopFile, connect_counts, latency_summary,
+    percentile, rss_kib, spawn_connect_loop,
+};
 pub use users::{Identity, NOBODY, TestGroup, ctl_as, open_to_everyone, run_as};
 
 /// `EPERM`: what the datapath makes a refused syscall fail with.

@@ -263,7 +263,9 @@ The policy, see \fBegressd\-policy\fR(5).
 Modes set with \fBegressctl mode\fR, kept across restarts.
 .TP
 .I /run/egressd/egressd.sock
-The control socket (mode 0600: root only, unless \fB\-\-socket\-group\fR).
+The control socket: mode 0600, root only; 0660 for the \fB\-\-socket\-group\fR, whose
+members may do everything; an ACL entry for the policy's \fB[control] read_group\fR,
+whose members may use status, events and dns only.
 .TP
 .I /usr/lib/systemd/system/egressd.service
 The unit: \fBType=notify\fR (ready once the programs are attached and the policy is
@@ -277,7 +279,9 @@ const EGRESSCTL_EXTRA: &str = r#".SH "EXIT STATUS"
 .SH FILES
 .TP
 .I /run/egressd/egressd.sock
-The daemon's control socket; only root (or the daemon's \fB\-\-socket\-group\fR) may use it.
+The daemon's control socket. Root and members of the daemon's \fB\-\-socket\-group\fR may
+use every command; members of the policy's \fB[control] read_group\fR only \fBstatus\fR,
+\fBevents\fR and \fBdns\fR (other commands are refused with a message saying so).
 .TP
 .I /etc/egressd/policy.toml
 The policy that \fBegressctl check\fR reads by default, see \fBegressd\-policy\fR(5).

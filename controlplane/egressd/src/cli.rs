@@ -20,7 +20,8 @@ pub struct Args {
     /// Control socket for egressctl.
     #[arg(long, default_value = egressd_proto::DEFAULT_SOCKET)]
     pub socket: PathBuf,
-    /// Group (name or number) whose members may use the control socket besides root.
+    /// Group (name or number) whose members may use the control socket like root (owns the
+    /// socket, mode 0660). Read-only access: `[control] read_group` in the policy.
     #[arg(long)]
     pub socket_group: Option<String>,
     /// Cgroup v2 mount to attach at (default: found in /proc/self/mounts).

@@ -270,12 +270,17 @@ impl Engine {
         }
     }
 
-    /// A validated DNS answer a workload received: learn from it, and make the kernel's
-    /// entries for its addresses match what the table allows.
-    /// Returns the question it answered, for the observation store (None when the answer
-    /// could not be parsed or its workload has no name).
-    pub fn observe_answer(&mut self, answer: &DnsAnswer) -> Option<egressd_observe::QuerySample> {
-        let response = match egressd_dns::parse_response(&answer.payload) {
+    /// A validated DNS answer a workload received, and its parse (done by the caller,
+    /// outside the daemon's lock): learn from it, and make the kernel's entries for its
+    /// addresses match what the table allows. Returns the question it answered, for the
+    /// observation store (None when the answer could not be parsed or its workload has no
+    /// name).
+    pub fn observe_answer(
+        &mut self,
+        answer: &DnsAnswer,
+        parsed: Result<egressd_dns::DnsResponse, egressd_dns::DnsError>,
+    ) -> Option<egressd_observe::QuerySample> {
+        let response = match parsed {
             Ok(response) => response,
             Err(e) => {
                 self.dns_parse_failures += 1;

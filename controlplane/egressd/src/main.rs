@@ -29,6 +29,8 @@ use crate::events::EventHub;
 /// How often cgroups matching workload patterns are looked for again (new services, pods).
 const CGROUP_RESCAN: Duration = Duration::from_secs(2);
 const EVENT_BATCH: usize = 1024;
+/// DNS answers learned per hold of the daemon's lock (a few milliseconds' work).
+const ANSWERS_PER_LOCK: usize = 128;
 /// How often learned addresses are checked for expiry.
 const DNS_EXPIRY_TICK: Duration = Duration::from_millis(500);
 
@@ -285,16 +287,33 @@ async fn kernel_records(
             }
             _ = expiry.tick() => expire = true,
         }
-        // Whatever woke us, answers already in the ring are learned first.
+        // Whatever woke us, answers already in the ring are learned first. They are parsed
+        // here, without the daemon's lock, and learned a bounded number per lock: a workload
+        // flooding its resolver fills the ring with thousands, and learning them all at once
+        // held the lock (and kept `egressctl status` waiting) for a quarter of a second.
         dns_answers.drain(&mut answer_batch, usize::MAX);
+        let mut parsed = answer_batch
+            .iter()
+            .map(|answer| egressd_dns::parse_response(&answer.payload))
+            .collect::<Vec<_>>()
+            .into_iter();
+        let mut questions = Vec::new();
+        for answers in answer_batch.chunks(ANSWERS_PER_LOCK) {
+            {
+                let Ok(mut engine) = shared.engine.lock() else {
+                    tracing::error!("daemon state is poisoned; stopping event processing");
+                    return;
+                };
+                for (answer, response) in answers.iter().zip(parsed.by_ref()) {
+                    questions.extend(engine.observe_answer(answer, response));
+                }
+            }
+            tokio::task::yield_now().await;
+        }
         let Ok(mut engine) = shared.engine.lock() else {
             tracing::error!("daemon state is poisoned; stopping event processing");
             return;
         };
-        let questions: Vec<_> = answer_batch
-            .iter()
-            .filter_map(|answer| engine.observe_answer(answer))
-            .collect();
         if expire {
             engine.expire_addresses();
         }
