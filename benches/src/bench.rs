@@ -8,7 +8,6 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 use std::process::Command;
-use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
@@ -161,9 +160,9 @@ impl Bench {
     }
 
     /// Takes the daemon lock for one round and notes the conditions it starts in.
-    fn begin_round(&mut self) -> anyhow::Result<Rc<DaemonLock>> {
+    fn begin_round(&mut self) -> anyhow::Result<Arc<DaemonLock>> {
         self.check_interrupted()?;
-        let lock = Rc::new(DaemonLock::acquire());
+        let lock = Arc::new(DaemonLock::acquire());
         let others = procfs::other_egressd();
         if !others.is_empty() {
             self.results.meta.rounds_with_other_egressd += 1;
@@ -178,7 +177,7 @@ impl Bench {
         Ok(lock)
     }
 
-    fn end_round(lock: Rc<DaemonLock>) {
+    fn end_round(lock: Arc<DaemonLock>) {
         drop(lock);
         thread::sleep(LOCK_GAP);
     }

@@ -5,7 +5,7 @@ use std::fmt;
 use std::io::Write as _;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
@@ -181,9 +181,9 @@ pub fn ensure_no_rules() -> anyhow::Result<()> {
 }
 
 /// egressd started on a policy, with how long it took to answer `status`.
-pub fn start_egressd(lock: &Rc<DaemonLock>, policy: &str) -> (Daemon, Duration) {
+pub fn start_egressd(lock: &Arc<DaemonLock>, policy: &str) -> (Daemon, Duration) {
     let started = Instant::now();
-    let daemon = Daemon::start_holding(Rc::clone(lock), policy, &[]);
+    let daemon = Daemon::start_holding(Arc::clone(lock), policy, &[]);
     (daemon, started.elapsed())
 }
 

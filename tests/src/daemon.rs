@@ -3,8 +3,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::rc::Rc;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -31,8 +30,11 @@ pub const PIN_ROOT: &str = "/sys/fs/bpf";
 /// Lock file shared by every test process that runs a daemon.
 const LOCK_FILE: &str = "/tmp/egressd-tests.lock";
 
-/// One daemon at a time in this process (the lock file orders processes).
-static SERIAL: Mutex<()> = Mutex::new(());
+/// Whether a [`DaemonLock`] is held in this process (the lock file orders processes). A flag
+/// and a condition variable rather than a mutex guard, so that the lock can move between
+/// threads (a `Daemon` is shared with the threads of a load test).
+static HELD: Mutex<bool> = Mutex::new(false);
+static RELEASED: Condvar = Condvar::new();
 
 /// The right to attach egressd at the cgroup root: one holder at a time, in this process
 /// (a mutex) and across processes (a lock file, so test binaries run in parallel and
@@ -42,19 +44,45 @@ static SERIAL: Mutex<()> = Mutex::new(());
 /// between and slows the configurations it compares with.
 pub struct DaemonLock {
     _file: File,
-    _serial: MutexGuard<'static, ()>,
 }
 
 impl DaemonLock {
-    /// Waits (polling every 50 ms, at most 10 minutes) until no other daemon of the tests
-    /// runs, then holds the lock until dropped.
+    /// Waits (at most 10 minutes) until no other daemon of the tests runs, then holds the
+    /// lock until dropped.
     pub fn acquire() -> DaemonLock {
-        let serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
-        DaemonLock {
-            _file: lock_file(),
-            _serial: serial,
+        let deadline = Instant::now() + SERIAL_TIMEOUT;
+        let mut held = HELD.lock().unwrap_or_else(PoisonError::into_inner);
+        while *held {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "another test of this process held the daemon lock for more than {SERIAL_TIMEOUT:?}"
+            );
+            held = RELEASED
+                .wait_timeout(held, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
         }
+        *held = true;
+        drop(held);
+        // Taken after the in-process flag, so a panic here must give the flag back.
+        let file = std::panic::catch_unwind(lock_file).unwrap_or_else(|panic| {
+            release_in_process();
+            std::panic::resume_unwind(panic)
+        });
+        DaemonLock { _file: file }
     }
+}
+
+impl Drop for DaemonLock {
+    fn drop(&mut self) {
+        release_in_process();
+    }
+}
+
+fn release_in_process() {
+    *HELD.lock().unwrap_or_else(PoisonError::into_inner) = false;
+    RELEASED.notify_one();
 }
 
 /// [`LOCK_FILE`], locked (waiting at most [`SERIAL_TIMEOUT`]).
@@ -93,7 +121,7 @@ pub struct Daemon {
     stdout_log: PathBuf,
     stderr_log: PathBuf,
     // Released after `drop` has stopped the daemon (fields drop after the body).
-    _lock: Rc<DaemonLock>,
+    _lock: Arc<DaemonLock>,
 }
 
 impl Daemon {
@@ -110,12 +138,12 @@ impl Daemon {
         egressd_bin();
         egressctl_bin();
         probe_bin();
-        Daemon::start_holding(Rc::new(DaemonLock::acquire()), policy_toml, extra_args)
+        Daemon::start_holding(Arc::new(DaemonLock::acquire()), policy_toml, extra_args)
     }
 
     /// [`Daemon::start_with_args`] under a [`DaemonLock`] the caller already holds; the
     /// daemon keeps it until it has stopped.
-    pub fn start_holding(lock: Rc<DaemonLock>, policy_toml: &str, extra_args: &[&str]) -> Daemon {
+    pub fn start_holding(lock: Arc<DaemonLock>, policy_toml: &str, extra_args: &[&str]) -> Daemon {
         require_root();
         cgroup2_root();
         egressd_bin();
