@@ -53,16 +53,32 @@ impl DaemonLock {
             _serial: serial,
         }
     }
+
+    /// The lock if no one holds it now, without waiting (a caller that must stay responsive
+    /// polls this).
+    pub fn try_acquire() -> Option<DaemonLock> {
+        let serial = SERIAL.try_lock().ok()?;
+        let file = open_lock_file();
+        file.try_lock().ok()?;
+        Some(DaemonLock {
+            _file: file,
+            _serial: serial,
+        })
+    }
 }
 
-/// [`LOCK_FILE`], locked (waiting at most [`SERIAL_TIMEOUT`]).
-fn lock_file() -> File {
-    let file = OpenOptions::new()
+fn open_lock_file() -> File {
+    OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(LOCK_FILE)
-        .unwrap_or_else(|err| panic!("cannot open {LOCK_FILE}: {err}"));
+        .unwrap_or_else(|err| panic!("cannot open {LOCK_FILE}: {err}"))
+}
+
+/// [`LOCK_FILE`], locked (waiting at most [`SERIAL_TIMEOUT`]).
+fn lock_file() -> File {
+    let file = open_lock_file();
     let deadline = Instant::now() + SERIAL_TIMEOUT;
     loop {
         match file.try_lock() {
