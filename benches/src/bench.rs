@@ -35,6 +35,10 @@ const TARGET_IP: Ipv4Addr = Ipv4Addr::LOCALHOST;
 const BLOCKED_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
 /// A closed port there: refused by the kernel without a firewall, by the firewall with one.
 const REFUSED: SocketAddrV4 = SocketAddrV4::new(BLOCKED_IP, 9);
+/// An allowed UDP port no socket is bound to: datagrams to it are dropped after the route
+/// and protocol lookup, before any socket (and so any cgroup ingress hook) sees them. On
+/// loopback the receive path runs on the sender's CPU; this shows the send side alone.
+const UNBOUND_UDP: SocketAddrV4 = SocketAddrV4::new(TARGET_IP, 9);
 /// Learning mode connects to BASE + i: a new destination every time.
 const LEARNING_BASE: Ipv4Addr = Ipv4Addr::new(127, 64, 0, 0);
 /// Bound on one connect loop's operations (the duration ends it long before).
@@ -494,6 +498,27 @@ impl Bench {
             &Key::new(
                 "udp",
                 "UDP sendto, 64-byte datagrams, unconnected",
+                "packets/s",
+                e,
+                true,
+            ),
+            round,
+            config,
+            report.per_second(report.ops),
+        );
+        let report = self.client(
+            config,
+            &Spec::Udp {
+                target: UNBOUND_UDP,
+                payload: UDP_PAYLOAD,
+                millis,
+            },
+            daemon,
+        )?;
+        self.record(
+            &Key::new(
+                "udp_unbound",
+                "UDP sendto, to a port no socket has (no receive-side socket hooks)",
                 "packets/s",
                 e,
                 true,
