@@ -16,8 +16,9 @@ log() { printf 'bench: %s\n' "$*" >&2; }
 
 require_root
 bash scripts/setup-toolchain.sh
-# nft and iptables-nft: the configurations egressd is compared with.
-ensure_apt_packages nftables iptables
+# nft and iptables-nft: the configurations egressd is compared with; bpftool: the benchmark
+# waits until no one else's programs are attached at the cgroup root.
+ensure_apt_packages nftables iptables bpftool
 
 profile="${EGRESSD_BENCH_PROFILE:-release}"
 case "$profile" in

@@ -34,6 +34,10 @@ const TARGET_IP: Ipv4Addr = Ipv4Addr::LOCALHOST;
 const BLOCKED_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
 /// A closed port there: refused by the kernel without a firewall, by the firewall with one.
 const REFUSED: SocketAddrV4 = SocketAddrV4::new(BLOCKED_IP, 9);
+/// An allowed UDP port no socket is bound to: datagrams to it are dropped after the route
+/// and protocol lookup, before any socket (and so any cgroup ingress hook) sees them. On
+/// loopback the receive path runs on the sender's CPU; this shows the send side alone.
+const UNBOUND_UDP: SocketAddrV4 = SocketAddrV4::new(TARGET_IP, 9);
 /// Learning mode connects to BASE + i: a new destination every time.
 const LEARNING_BASE: Ipv4Addr = Ipv4Addr::new(127, 64, 0, 0);
 /// Bound on one connect loop's operations (the duration ends it long before).
@@ -42,6 +46,8 @@ const CONNECT_MAX: u64 = 50_000_000;
 const UDP_PAYLOAD: usize = 64;
 /// A client may take this much longer than its scenario before it is killed.
 const CLIENT_SLACK: Duration = Duration::from_secs(30);
+/// How often a run waiting for someone else's egressd or cgroup programs to go looks.
+const FOREIGN_POLL: Duration = Duration::from_secs(5);
 /// Between rounds the lock is free this long, so waiting test daemons get their turn.
 const LOCK_GAP: Duration = Duration::from_millis(300);
 /// Tries of one measurement when the sink dropped SYNs (see `Bench::run_client`).
@@ -64,6 +70,8 @@ pub struct Options {
     pub learning_rounds: usize,
     pub learning_millis: u64,
     pub idle_millis: u64,
+    /// How long the run waits in all for someone else's egressd or cgroup programs to go.
+    pub foreign_wait: Duration,
     pub out: PathBuf,
     pub conditions: String,
 }
@@ -73,6 +81,9 @@ pub struct Bench {
     results: Results,
     interrupted: Arc<AtomicBool>,
     nft_prefix: String,
+    cgroup_root: PathBuf,
+    /// What is left of `Options::foreign_wait`.
+    foreign_wait: Duration,
     tmp: TempDir,
     accept: TcpSink,
     stream: TcpSink,
@@ -118,6 +129,8 @@ impl Bench {
             results: Results::default(),
             interrupted,
             nft_prefix,
+            cgroup_root: root,
+            foreign_wait: opts.foreign_wait,
             tmp: tempfile::Builder::new()
                 .prefix("egressd-bench-")
                 .tempdir()
@@ -159,22 +172,51 @@ impl Bench {
         Ok(())
     }
 
-    /// Takes the daemon lock for one round and notes the conditions it starts in.
-    fn begin_round(&mut self) -> anyhow::Result<Arc<DaemonLock>> {
-        self.check_interrupted()?;
-        let lock = Arc::new(DaemonLock::acquire());
-        let others = procfs::other_egressd();
-        if !others.is_empty() {
-            self.results.meta.rounds_with_other_egressd += 1;
-            eprintln!(
-                "egressd-bench: another egressd runs (pids {others:?}): this round is slowed for every configuration it overlaps"
-            );
-        }
+    /// Takes the daemon lock for one round (test daemons wait meanwhile), first waiting until
+    /// no one else's egressd runs and nothing is attached at the cgroup root: those programs
+    /// would run on every packet of every configuration. The run waits `Options::foreign_wait`
+    /// in all for them; once that is spent, rounds start regardless and are listed as
+    /// disturbed.
+    fn begin_round(&mut self, label: &str) -> anyhow::Result<Arc<DaemonLock>> {
+        let mut announced = false;
+        let lock = loop {
+            self.check_interrupted()?;
+            let Some(lock) = DaemonLock::try_acquire() else {
+                thread::sleep(Duration::from_millis(100));
+                continue;
+            };
+            let daemons = procfs::other_egressd();
+            let programs = procfs::root_programs(&self.cgroup_root).unwrap_or_default();
+            if daemons.is_empty() && programs.is_empty() {
+                break lock;
+            }
+            if self.foreign_wait.is_zero() {
+                self.results.meta.disturbed_rounds.push(format!(
+                    "{label}: egressd pids {daemons:?}, programs at the cgroup root {programs:?}"
+                ));
+                eprintln!(
+                    "egressd-bench: {label}: measured while someone else's egressd or cgroup programs are attached"
+                );
+                break lock;
+            }
+            if !announced {
+                eprintln!(
+                    "egressd-bench: {label}: waiting (at most {:?} more in this run) for someone \
+                     else's egressd (pids {daemons:?}) or cgroup programs {programs:?} to go",
+                    self.foreign_wait
+                );
+                announced = true;
+            }
+            drop(lock);
+            let pause = FOREIGN_POLL.min(self.foreign_wait);
+            thread::sleep(pause);
+            self.foreign_wait = self.foreign_wait.saturating_sub(pause);
+        };
         let load = procfs::loadavg();
         if load > self.results.meta.loadavg_max || self.results.meta.loadavg_max.is_nan() {
             self.results.meta.loadavg_max = load;
         }
-        Ok(lock)
+        Ok(Arc::new(lock))
     }
 
     fn end_round(lock: Arc<DaemonLock>) {
@@ -217,7 +259,8 @@ impl Bench {
         let nft = plan.nftables(&self.nft_prefix);
         let ipt = plan.iptables();
         for round in 0..self.opts.rounds {
-            let lock = self.begin_round()?;
+            let label = format!("data path, {entries} entries, round {}", round + 1);
+            let lock = self.begin_round(&label)?;
             for config in rotated(&Config::ALL, round) {
                 self.check_interrupted()?;
                 eprintln!(
@@ -464,6 +507,27 @@ impl Bench {
         );
         let report = self.client(
             config,
+            &Spec::Udp {
+                target: UNBOUND_UDP,
+                payload: UDP_PAYLOAD,
+                millis,
+            },
+            daemon,
+        )?;
+        self.record(
+            &Key::new(
+                "udp_unbound",
+                "UDP sendto, to a port no socket has (no receive-side socket hooks)",
+                "packets/s",
+                e,
+                true,
+            ),
+            round,
+            config,
+            report.per_second(report.ops),
+        );
+        let report = self.client(
+            config,
             &Spec::Connect {
                 target: REFUSED,
                 threads: 1,
@@ -627,7 +691,7 @@ impl Bench {
         };
         for rate in self.opts.dns_rates.clone() {
             for round in 0..self.opts.rounds {
-                let lock = self.begin_round()?;
+                let lock = self.begin_round(&format!("DNS at {rate}/s, round {}", round + 1))?;
                 for config in rotated(&[Config::None, Config::Egressd], round) {
                     self.check_interrupted()?;
                     eprintln!(
@@ -788,7 +852,7 @@ impl Bench {
         let policy = plan.egressd_policy("learning", None, None);
         let e = Some(entries);
         for round in 0..self.opts.learning_rounds {
-            let lock = self.begin_round()?;
+            let lock = self.begin_round(&format!("learning, round {}", round + 1))?;
             for config in rotated(&[Config::None, Config::Egressd], round) {
                 self.check_interrupted()?;
                 eprintln!(

@@ -85,6 +85,10 @@ struct RunArgs {
     /// Which parts to run: datapath, dns, learning (all by default).
     #[arg(long, value_delimiter = ',', default_value = "datapath,dns,learning")]
     parts: Vec<Part>,
+    /// Seconds to wait in all for someone else's egressd or cgroup programs to go before
+    /// measuring anyway (default 600; 0 with --quick).
+    #[arg(long)]
+    foreign_wait: Option<u64>,
     /// Where results.json and results.md go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
@@ -131,6 +135,11 @@ impl RunArgs {
             },
             learning_millis: if quick { 10_000 } else { 90_000 },
             idle_millis: if quick { 200 } else { 2000 },
+            foreign_wait: std::time::Duration::from_secs(self.foreign_wait.unwrap_or(if quick {
+                0
+            } else {
+                600
+            })),
             out: self.out.clone(),
             conditions: self.conditions.clone(),
         }

@@ -84,6 +84,34 @@ pub fn listen_drops() -> u64 {
         .unwrap_or(0)
 }
 
+/// Programs attached to the cgroup v2 root, as `bpftool cgroup show` lists them (`None` when
+/// bpftool is missing or fails). Called when the benchmark itself runs no egressd, so every
+/// program listed belongs to someone else and runs on every packet of every configuration.
+pub fn root_programs(root: &std::path::Path) -> Option<Vec<String>> {
+    let output = std::process::Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(root)
+        .output()
+        .ok()?;
+    if !output.status.success() {
+        return None;
+    }
+    let listed: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+    Some(
+        listed
+            .as_array()?
+            .iter()
+            .map(|program| {
+                format!(
+                    "{} ({})",
+                    program["name"].as_str().unwrap_or("?"),
+                    program["attach_type"].as_str().unwrap_or("?")
+                )
+            })
+            .collect(),
+    )
+}
+
 /// The 1-minute load average.
 pub fn loadavg() -> f64 {
     fs::read_to_string("/proc/loadavg")

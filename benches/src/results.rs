@@ -129,8 +129,10 @@ pub struct Meta {
     pub loadavg_start: f64,
     pub loadavg_end: f64,
     pub loadavg_max: f64,
-    /// Rounds during which another egressd (not the benchmark's) was running.
-    pub rounds_with_other_egressd: usize,
+    /// Rounds that began while someone else's egressd ran or programs were attached at the
+    /// cgroup root, once the run had waited for them as long as it would (they slow every
+    /// configuration).
+    pub disturbed_rounds: Vec<String>,
     /// Measurements repeated because the sink's accept queue overflowed.
     pub repeated_for_syn_drops: usize,
     pub duration_seconds: f64,
@@ -368,13 +370,14 @@ impl Results {
         let _ = writeln!(
             out,
             "Conditions: {} Load average {:.2} at the start, {:.2} at the end, {:.2} at most; \
-             another egressd was running during {} round(s); {} measurement(s) were repeated \
+             {} round(s) began while someone else's egressd or cgroup programs were attached \
+             (after the run had waited for them as long as it would); {} measurement(s) were repeated \
              because the receiving end's accept queue overflowed.  ",
             m.conditions,
             m.loadavg_start,
             m.loadavg_end,
             m.loadavg_max,
-            m.rounds_with_other_egressd,
+            m.disturbed_rounds.len(),
             m.repeated_for_syn_drops
         );
         let _ = writeln!(out, "Tools: {}\n", m.tools.join("; "));
@@ -418,8 +421,11 @@ impl Results {
                 || s.id.starts_with("nft_")
                 || s.id.starts_with("ipt_")
         });
-        if !self.notes.is_empty() {
+        if !self.notes.is_empty() || !m.disturbed_rounds.is_empty() {
             let _ = writeln!(out, "\n## Notes from the run\n");
+            for round in &m.disturbed_rounds {
+                let _ = writeln!(out, "- Disturbed: {round}");
+            }
             for note in &self.notes {
                 let _ = writeln!(out, "- {note}");
             }

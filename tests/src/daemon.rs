@@ -72,6 +72,24 @@ impl DaemonLock {
         });
         DaemonLock { _file: file }
     }
+
+    /// The lock if no one holds it now, without waiting (a caller that must stay responsive
+    /// polls this).
+    pub fn try_acquire() -> Option<DaemonLock> {
+        {
+            let mut held = HELD.lock().unwrap_or_else(PoisonError::into_inner);
+            if *held {
+                return None;
+            }
+            *held = true;
+        }
+        let file = open_lock_file();
+        if file.try_lock().is_err() {
+            release_in_process();
+            return None;
+        }
+        Some(DaemonLock { _file: file })
+    }
 }
 
 impl Drop for DaemonLock {
@@ -85,14 +103,18 @@ fn release_in_process() {
     RELEASED.notify_one();
 }
 
-/// [`LOCK_FILE`], locked (waiting at most [`SERIAL_TIMEOUT`]).
-fn lock_file() -> File {
-    let file = OpenOptions::new()
+fn open_lock_file() -> File {
+    OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(LOCK_FILE)
-        .unwrap_or_else(|err| panic!("cannot open {LOCK_FILE}: {err}"));
+        .unwrap_or_else(|err| panic!("cannot open {LOCK_FILE}: {err}"))
+}
+
+/// [`LOCK_FILE`], locked (waiting at most [`SERIAL_TIMEOUT`]).
+fn lock_file() -> File {
+    let file = open_lock_file();
     let deadline = Instant::now() + SERIAL_TIMEOUT;
     loop {
         match file.try_lock() {
