@@ -82,8 +82,10 @@ pub struct Bench {
     interrupted: Arc<AtomicBool>,
     nft_prefix: String,
     cgroup_root: PathBuf,
-    /// What is left of `Options::foreign_wait`.
+    /// `Options::foreign_wait`, and when it runs out (set by the first wait: the run waits
+    /// that long in all, by the clock).
     foreign_wait: Duration,
+    foreign_deadline: Option<Instant>,
     tmp: TempDir,
     accept: TcpSink,
     stream: TcpSink,
@@ -131,6 +133,7 @@ impl Bench {
             nft_prefix,
             cgroup_root: root,
             foreign_wait: opts.foreign_wait,
+            foreign_deadline: None,
             tmp: tempfile::Builder::new()
                 .prefix("egressd-bench-")
                 .tempdir()
@@ -190,7 +193,11 @@ impl Bench {
             if daemons.is_empty() && programs.is_empty() {
                 break lock;
             }
-            if self.foreign_wait.is_zero() {
+            let waited_out = match self.foreign_deadline {
+                Some(deadline) => Instant::now() >= deadline,
+                None => self.foreign_wait.is_zero(),
+            };
+            if waited_out {
                 self.results.meta.disturbed_rounds.push(format!(
                     "{label}: egressd pids {daemons:?}, programs at the cgroup root {programs:?}"
                 ));
@@ -199,18 +206,19 @@ impl Bench {
                 );
                 break lock;
             }
+            let deadline = *self
+                .foreign_deadline
+                .get_or_insert_with(|| Instant::now() + self.foreign_wait);
             if !announced {
                 eprintln!(
                     "egressd-bench: {label}: waiting (at most {:?} more in this run) for someone \
                      else's egressd (pids {daemons:?}) or cgroup programs {programs:?} to go",
-                    self.foreign_wait
+                    deadline.saturating_duration_since(Instant::now())
                 );
                 announced = true;
             }
             drop(lock);
-            let pause = FOREIGN_POLL.min(self.foreign_wait);
-            thread::sleep(pause);
-            self.foreign_wait = self.foreign_wait.saturating_sub(pause);
+            thread::sleep(FOREIGN_POLL.min(deadline.saturating_duration_since(Instant::now())));
         };
         let load = procfs::loadavg();
         if load > self.results.meta.loadavg_max || self.results.meta.loadavg_max.is_nan() {
