@@ -334,6 +334,10 @@ pub struct DnsAnswer {
     pub tcp: bool,
     /// Addresses the kernel allowed from it before the socket saw it.
     pub inserted: u32,
+    /// Not an answer: a query whose name no FQDN rule matches (`dns_queries =
+    /// "allowlisted"`), refused (`Deny`) or reported (`WouldDeny`, audit mode). The payload
+    /// is the query; `server` is the resolver it was for.
+    pub refused_query: Option<Verdict>,
 }
 
 pub(crate) fn decode_dns(bytes: &[u8], clock: &Clock) -> Result<DnsAnswer, DatapathError> {
@@ -361,6 +365,13 @@ pub(crate) fn decode_dns(bytes: &[u8], clock: &Clock) -> Result<DnsAnswer, Datap
         name_allowed: answer.flags & raw::DNS_ANSWER_NAME_ALLOWED != 0,
         tcp: answer.flags & raw::DNS_ANSWER_TCP != 0,
         inserted: answer.inserted,
+        refused_query: if answer.flags & raw::DNS_QUERY_REFUSED != 0 {
+            Some(Verdict::Deny)
+        } else if answer.flags & raw::DNS_QUERY_WOULD_REFUSE != 0 {
+            Some(Verdict::WouldDeny)
+        } else {
+            None
+        },
     })
 }
 

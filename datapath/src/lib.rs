@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, ProgramArray, RingBuf},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, ProgramError,
         SockOps,
@@ -29,7 +29,8 @@ use egressd_common::{
     LAYOUT_VERSION, event as counters,
     policy::{
         AllowKey, AllowValue, DenyKey, MAX_WORKLOADS, MODE_AUDIT, MODE_LEARNING, MODE_STRICT,
-        NO_WORKLOAD, Settings, WORKLOAD_FLAG_ACTIVE, WORKLOAD_FLAG_RAW_SOCKETS, WorkloadConfig,
+        NO_WORKLOAD, Settings, WORKLOAD_FLAG_ACTIVE, WORKLOAD_FLAG_DNS_ALLOWLISTED,
+        WORKLOAD_FLAG_RAW_SOCKETS, WorkloadConfig,
     },
 };
 use egressd_policy::{Mode, PortRange, Protocol};
@@ -182,6 +183,8 @@ pub struct WorkloadSpec {
     pub name: String,
     pub mode: Mode,
     pub raw_sockets: bool,
+    /// `dns_queries = "allowlisted"`.
+    pub dns_allowlisted: bool,
     /// The workload's own cgroups (descendants are found by the kernel).
     pub cgroup_ids: Vec<u64>,
     pub rules: Vec<CidrRule>,
@@ -241,6 +244,8 @@ pub struct Counters {
     pub fqdn_insert_failures: u64,
     /// Flow summaries the kernel could not create (their first sight was still an event).
     pub flow_insert_failures: u64,
+    /// DNS queries refused for naming nothing the workload's FQDN rules allow.
+    pub dns_queries_refused: u64,
 }
 
 /// Protocol names of the decision counters, with a protocol number that falls in each slot.
@@ -408,6 +413,7 @@ impl Datapath {
             source,
         })?;
         let (plan, sender_tasks) = load_all(&mut ebpf)?;
+        install_dns_query_program(&mut ebpf)?;
         let mut programs = Vec::with_capacity(plan.len());
         let mut links = Vec::with_capacity(plan.len());
         for (name, description, link) in attach_all(&mut ebpf, &cgroup, &plan)? {
@@ -625,7 +631,11 @@ impl Datapath {
             }
             desired_workloads.insert(
                 workload.id,
-                workload_config(workload.mode, workload.raw_sockets),
+                workload_config(
+                    workload.mode,
+                    workload.raw_sockets,
+                    workload.dns_allowlisted,
+                ),
             );
             for &cgroup_id in &workload.cgroup_ids {
                 desired_cgroups.insert(cgroup_id, workload.id);
@@ -817,7 +827,12 @@ impl Datapath {
         if id == NO_WORKLOAD || id > MAX_WORKLOAD_ID {
             return Err(DatapathError::WorkloadIdOutOfRange { id });
         }
-        let config = workload_config(mode, raw_sockets);
+        // The DNS setting is the policy's, unchanged by a mode switch.
+        let dns_allowlisted = self
+            .installed_workloads
+            .get(&id)
+            .is_some_and(|config| config.flags & WORKLOAD_FLAG_DNS_ALLOWLISTED != 0);
+        let config = workload_config(mode, raw_sockets, dns_allowlisted);
         self.workloads
             .set(id, config, 0)
             .map_err(map_err("WORKLOADS", "writing"))?;
@@ -847,6 +862,7 @@ impl Datapath {
             fqdn_inserts: total(counters::COUNTER_FQDN_INSERTS)?,
             fqdn_insert_failures: total(counters::COUNTER_FQDN_INSERT_FAILURES)?,
             flow_insert_failures: total(counters::COUNTER_FLOW_INSERT_FAILURES)?,
+            dns_queries_refused: total(counters::COUNTER_DNS_QUERIES_REFUSED)?,
         })
     }
 
@@ -1067,15 +1083,17 @@ fn compile_fqdn(
     Ok(compiled)
 }
 
-fn workload_config(mode: Mode, raw_sockets: bool) -> WorkloadConfig {
+fn workload_config(mode: Mode, raw_sockets: bool, dns_allowlisted: bool) -> WorkloadConfig {
+    let mut flags = WORKLOAD_FLAG_ACTIVE;
+    if raw_sockets {
+        flags |= WORKLOAD_FLAG_RAW_SOCKETS;
+    }
+    if dns_allowlisted {
+        flags |= WORKLOAD_FLAG_DNS_ALLOWLISTED;
+    }
     WorkloadConfig {
         mode: mode_to_raw(mode),
-        flags: WORKLOAD_FLAG_ACTIVE
-            | if raw_sockets {
-                WORKLOAD_FLAG_RAW_SOCKETS
-            } else {
-                0
-            },
+        flags,
     }
 }
 
@@ -1245,6 +1263,35 @@ fn attach_type_name(attach_type: CgroupSkbAttachType) -> &'static str {
         CgroupSkbAttachType::Egress => "egress",
         CgroupSkbAttachType::Ingress => "ingress",
     }
+}
+
+/// Loads `dns_query` (reached by tail call from egress for workloads whose DNS questions
+/// must name something their FQDN rules allow) and puts it in egress's program array. Done
+/// before egress is attached: until then egress refuses such questions (fail closed).
+fn install_dns_query_program(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
+    let name = "dns_query";
+    loaded!(ebpf, CgroupSkb, name);
+    let fd = ebpf
+        .program(name)
+        .ok_or(DatapathError::MissingProgram { name })?
+        .fd()
+        .map_err(program_err(name, "getting its fd"))?
+        .try_clone()
+        .map_err(|source| DatapathError::Io {
+            what: "duplicating the dns_query program fd",
+            source,
+        })?;
+    let map = ebpf
+        .map_mut("DNS_QUERY_PROGRAM")
+        .ok_or(DatapathError::MissingMap {
+            name: "DNS_QUERY_PROGRAM",
+        })?;
+    let mut programs =
+        ProgramArray::try_from(map).map_err(map_err("DNS_QUERY_PROGRAM", "opening"))?;
+    programs
+        .set(0, &fd, 0)
+        .map_err(map_err("DNS_QUERY_PROGRAM", "writing"))?;
+    Ok(())
 }
 
 fn try_load_cgroup_skb(ebpf: &mut Ebpf, name: &'static str) -> Result<(), DatapathError> {

@@ -42,7 +42,9 @@ pub(crate) const PINNED_MAPS: [&str; 15] = [
 ];
 
 /// Per-CPU scratch space and the program log: nothing in them survives a program run.
-pub(crate) const UNPINNED_MAPS: [&str; 3] = ["SCRATCH", "FLOW_SCRATCH", "AYA_LOGS"];
+/// The program array is each daemon's own: its egress program tail-calls its dns_query.
+pub(crate) const UNPINNED_MAPS: [&str; 4] =
+    ["SCRATCH", "FLOW_SCRATCH", "AYA_LOGS", "DNS_QUERY_PROGRAM"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum PinError {

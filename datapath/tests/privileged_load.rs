@@ -87,6 +87,7 @@ fn sample_policy() -> DatapathPolicy {
             name: "test".into(),
             mode: Mode::Strict,
             raw_sockets: false,
+            dns_allowlisted: false,
             cgroup_ids: vec![u64::MAX - 1],
             rules: vec![CidrRule {
                 net: "127.0.0.2/32".parse().expect("net"),

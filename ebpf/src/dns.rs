@@ -13,7 +13,7 @@ use aya_ebpf::{
     btf_maps::SkStorage,
     helpers::generated::{bpf_ktime_get_ns, bpf_sk_storage_get, bpf_skb_cgroup_id},
     macros::{btf_map, map},
-    maps::{HashMap, PerCpuArray},
+    maps::{HashMap, PerCpuArray, ProgramArray},
     programs::SkBuffContext,
 };
 use egressd_common::{
@@ -24,10 +24,14 @@ use egressd_common::{
         PendingQuery, name_hash_step,
     },
     event::{
-        COUNTER_DNS_ANSWERS, COUNTER_DNS_DROPS, COUNTER_DNS_REJECTED, COUNTER_FQDN_INSERT_FAILURES,
-        COUNTER_FQDN_INSERTS, DNS_ANSWER_NAME_ALLOWED, DNS_ANSWER_TCP, DNS_PAYLOAD_MAX, DnsAnswer,
+        COUNTER_DNS_ANSWERS, COUNTER_DNS_DROPS, COUNTER_DNS_QUERIES_REFUSED, COUNTER_DNS_REJECTED,
+        COUNTER_FQDN_INSERT_FAILURES, COUNTER_FQDN_INSERTS, DNS_ANSWER_NAME_ALLOWED,
+        DNS_ANSWER_TCP, DNS_PAYLOAD_MAX, DNS_QUERY_REFUSED, DNS_QUERY_WOULD_REFUSE, DnsAnswer,
     },
-    policy::{ALLOW_FLAG_DYNAMIC, AllowKey, AllowValue, MAX_PORT_RULES},
+    policy::{
+        ALLOW_FLAG_DYNAMIC, AllowKey, AllowValue, MAX_PORT_RULES, MODE_AUDIT, MODE_STRICT,
+        WORKLOAD_FLAG_DNS_ALLOWLISTED, WorkloadConfig,
+    },
     v4_mapped,
 };
 
@@ -79,6 +83,32 @@ pub struct Scratch {
 
 #[map]
 static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Slot 0: the `dns_query` program, set by userspace after loading it.
+#[map]
+pub static DNS_QUERY_PROGRAM: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// What egress does with a DNS query of a workload.
+pub enum QueryCheck {
+    /// `dns_queries = "any"`, or learning mode: remember it for its answer.
+    None,
+    /// Strict with `dns_queries = "allowlisted"`: its name decides (dns_query program).
+    Names,
+    /// Audit with it: the name is checked and reported; the query goes out in any case.
+    Report,
+}
+
+#[inline(always)]
+pub fn query_check(config: Option<WorkloadConfig>) -> QueryCheck {
+    match config {
+        Some(config) if config.flags & WORKLOAD_FLAG_DNS_ALLOWLISTED != 0 => match config.mode {
+            MODE_STRICT => QueryCheck::Names,
+            MODE_AUDIT => QueryCheck::Report,
+            _ => QueryCheck::None,
+        },
+        _ => QueryCheck::None,
+    }
+}
 
 #[inline(always)]
 pub fn is_resolver(addr: &Addr) -> bool {
@@ -243,6 +273,12 @@ pub fn record_query(ctx: &SkBuffContext, parsed: &Parsed, sk: *mut c_void) {
     let Some(name) = read_name(ctx, offset + DNS_HEADER_LEN, 0) else {
         return;
     };
+    remember_query(sk, name.hash, &parsed.flow.dst, id);
+}
+
+/// Puts a query in the socket's pending slots, for its answer to be matched against.
+#[inline(always)]
+fn remember_query(sk: *mut c_void, name_hash: u64, resolver: &Addr, id: u16) {
     let map = (&raw const DNS_QUERIES).cast_mut().cast::<c_void>();
     // SAFETY: our SK_STORAGE map and a full socket from the context.
     let pending = unsafe {
@@ -260,14 +296,71 @@ pub fn record_query(ctx: &SkBuffContext, parsed: &Parsed, sk: *mut c_void) {
     };
     let slot = (pending.next as usize) % PENDING_QUERY_SLOTS;
     pending.slots[slot] = PendingQuery {
-        name_hash: name.hash,
-        resolver: parsed.flow.dst,
+        name_hash,
+        resolver: *resolver,
         id,
         in_use: 1,
         reserved: 0,
         reserved2: 0,
     };
     pending.next = pending.next.wrapping_add(1);
+}
+
+/// The `dns_query` program's check. With `dns_queries = "allowlisted"` (strict or audit) a
+/// question's name must match one of the workload's FQDN rules: otherwise it is reported to
+/// userspace and, in strict mode, refused (returns true: drop the packet), so the
+/// application's resolver fails at once instead of leaking the name. An allowed query is
+/// remembered so that its answer can be validated.
+#[inline(always)]
+pub fn check_query(
+    ctx: &SkBuffContext,
+    parsed: &Parsed,
+    sk: *mut c_void,
+    workload: u32,
+    strict: bool,
+) -> bool {
+    if parsed.flow.dst_port != DNS_PORT || !is_resolver(&parsed.flow.dst) {
+        return false;
+    }
+    let Some(offset) = message_offset(parsed) else {
+        return false;
+    };
+    let Some((id, is_response, questions, _)) = header(ctx, offset) else {
+        // Not even a DNS header: nothing to name, nothing a resolver could use.
+        return strict;
+    };
+    if is_response {
+        return false;
+    }
+    // Several questions, or one that cannot be read, cannot be matched: refused too.
+    let name = if questions == 1 {
+        read_name(ctx, offset + DNS_HEADER_LEN, workload)
+    } else {
+        None
+    };
+    let matched = match (&name, SCRATCH.get_ptr(0)) {
+        // SAFETY: per-CPU scratch written by read_name just now.
+        (Some(_), Some(scratch)) => unsafe {
+            (*scratch).found_exact != 0 || (*scratch).found_wildcard != 0
+        },
+        _ => false,
+    };
+    if !matched {
+        let flags = if strict {
+            DNS_QUERY_REFUSED
+        } else {
+            DNS_QUERY_WOULD_REFUSE
+        };
+        forward(ctx, parsed, offset, workload, flags, 0);
+        if strict {
+            count(COUNTER_DNS_QUERIES_REFUSED);
+            return true;
+        }
+    }
+    if let Some(name) = name {
+        remember_query(sk, name.hash, &parsed.flow.dst, id);
+    }
+    false
 }
 
 /// Consumes the pending query this answer answers; false when there is none.
@@ -516,10 +609,22 @@ fn forward(
         (*answer).workload = workload;
         (*answer).payload_len = copy_len;
         (*answer).message_len = message_len as u32;
-        (*answer).server_port = parsed.flow.src_port;
-        (*answer).client_port = parsed.flow.dst_port;
-        (*answer).server_addr = parsed.flow.src;
-        (*answer).client_addr = parsed.flow.dst;
+        // Answers come from the server; refused queries go to it.
+        let outbound = flags & (DNS_QUERY_REFUSED | DNS_QUERY_WOULD_REFUSE) != 0;
+        let (server, client) = if outbound {
+            (&parsed.flow.dst, &parsed.flow.src)
+        } else {
+            (&parsed.flow.src, &parsed.flow.dst)
+        };
+        let (server_port, client_port) = if outbound {
+            (parsed.flow.dst_port, parsed.flow.src_port)
+        } else {
+            (parsed.flow.src_port, parsed.flow.dst_port)
+        };
+        (*answer).server_port = server_port;
+        (*answer).client_port = client_port;
+        (*answer).server_addr = *server;
+        (*answer).client_addr = *client;
         (*answer).family = parsed.flow.family;
         (*answer).protocol = parsed.flow.protocol;
         (*answer).flags = flags;

@@ -329,7 +329,28 @@ fn egress_packet<const WITH_TASK: bool>(ctx: &SkBuffContext) -> i32 {
         return ALLOW;
     }
     if parsed.flow.has_port && parsed.flow.dst_port == dns::DNS_PORT {
-        dns::record_query(ctx, &parsed, full.cast::<c_void>());
+        let settings = settings();
+        let workload = socket_workload(state, &settings, |level| {
+            // SAFETY: skb is the context.
+            unsafe { bpf_skb_ancestor_cgroup_id(skb, level) }
+        });
+        match dns::query_check(workload_config(workload)) {
+            dns::QueryCheck::Names => {
+                // The name must match the workload's FQDN rules: checked by the dns_query
+                // program (too much for this one's verifier budget), whose verdict becomes
+                // this packet's. Returns here only if the tail call failed.
+                // SAFETY: the program array holds cgroup_skb programs only.
+                unsafe { dns::DNS_QUERY_PROGRAM.tail_call(ctx, 0) };
+                count(egressd_common::event::COUNTER_DNS_QUERIES_REFUSED);
+                return REFUSE;
+            }
+            dns::QueryCheck::Report => {
+                // SAFETY: as above.
+                unsafe { dns::DNS_QUERY_PROGRAM.tail_call(ctx, 0) };
+                dns::record_query(ctx, &parsed, full.cast::<c_void>());
+            }
+            dns::QueryCheck::None => dns::record_query(ctx, &parsed, full.cast::<c_void>()),
+        }
     }
     // SAFETY: full is a valid full socket.
     let sk_state = unsafe { (*full).state };
@@ -447,6 +468,48 @@ fn egress_without_state(ctx: &SkBuffContext, flow: &Flow) -> i32 {
 }
 
 // ---- ingress: DNS answers to workloads become allowed addresses (FQDN rules) ----
+
+// ---- dns_query: questions of `dns_queries = "allowlisted"` workloads (tail call from egress) ----
+
+/// Reached only by tail call from `egress`, for a packet to port 53 of a workload whose DNS
+/// questions must name something its FQDN rules allow (strict or audit). Its verdict is the
+/// packet's: a refused question never leaves the host; an allowed one is remembered for the
+/// answer's validation. Not attached itself.
+#[cgroup_skb(egress)]
+pub fn dns_query(ctx: SkBuffContext) -> i32 {
+    let parsed = packet::parse(&ctx);
+    let skb = ctx.skb.skb;
+    // SAFETY: the context pointer is valid for the program's run.
+    let sk = unsafe { (*skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return REFUSE;
+    }
+    // SAFETY: sk comes from the context.
+    let full = unsafe { bpf_sk_fullsock(sk) };
+    if full.is_null() {
+        return REFUSE;
+    }
+    let settings = settings();
+    let ancestor = |level| {
+        // SAFETY: skb is the context.
+        unsafe { bpf_skb_ancestor_cgroup_id(skb, level) }
+    };
+    // SAFETY: full is a full socket, which cgroup_skb may pass to bpf_sk_storage_get.
+    let workload = match unsafe { socket_state(full.cast::<c_void>()) } {
+        Some(state) => socket_workload(state, &settings, ancestor),
+        None => verdict::workload_of(ancestor, &settings),
+    };
+    let Some(config) = workload_config(workload) else {
+        dns::record_query(&ctx, &parsed, full.cast::<c_void>());
+        return ALLOW;
+    };
+    let strict = config.mode == MODE_STRICT;
+    if dns::check_query(&ctx, &parsed, full.cast::<c_void>(), workload, strict) {
+        REFUSE
+    } else {
+        ALLOW
+    }
+}
 
 // ---- ingress: bytes received by governed flows; DNS answers become allowed addresses ----
 

@@ -30,6 +30,7 @@ fn implicit_host() -> Workload {
         cgroup: None,
         mode: None,
         raw_sockets: false,
+        dns_queries: egressd_policy::DnsQueries::Any,
         allow: Vec::new(),
         location: egressd_policy::Location { line: 0, column: 0 },
     }
@@ -190,6 +191,8 @@ impl Engine {
                     name: workload.name.clone(),
                     mode,
                     raw_sockets: workload.raw_sockets,
+                    dns_allowlisted: workload.dns_queries
+                        == egressd_policy::DnsQueries::Allowlisted,
                     cgroup_ids: by_workload.remove(&id).unwrap_or_default(),
                     rules: cidr_rules(workload),
                 })
@@ -270,6 +273,28 @@ impl Engine {
         }
     }
 
+    /// The event for a query the kernel refused (or would refuse) for naming nothing the
+    /// workload's FQDN rules allow; None for answers.
+    pub fn refused_query_event(&self, query: &DnsAnswer) -> Option<egressd_proto::EventRecord> {
+        let verdict = query.refused_query?;
+        let name = match egressd_dns::question_of_query(&query.payload) {
+            Ok((_, name, _)) => Some(name),
+            Err(e) => {
+                tracing::debug!(workload = query.workload, "refused query not parsed: {e}");
+                None
+            }
+        };
+        let workload = self.workload_name(query.workload);
+        let mode = self
+            .policy
+            .workload(workload.as_deref().unwrap_or_default())
+            .map(|w| self.modes.resolve(&self.policy, w).0)
+            .unwrap_or(self.policy.mode);
+        Some(crate::events::refused_query(
+            query, verdict, workload, name, mode,
+        ))
+    }
+
     /// A validated DNS answer a workload received, and its parse (done by the caller,
     /// outside the daemon's lock): learn from it, and make the kernel's entries for its
     /// addresses match what the table allows. Returns the question it answered, for the
@@ -280,6 +305,9 @@ impl Engine {
         answer: &DnsAnswer,
         parsed: Result<egressd_dns::DnsResponse, egressd_dns::DnsError>,
     ) -> Option<egressd_observe::QuerySample> {
+        if answer.refused_query.is_some() {
+            return None;
+        }
         let response = match parsed {
             Ok(response) => response,
             Err(e) => {

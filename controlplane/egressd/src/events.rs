@@ -64,6 +64,40 @@ pub fn record(event: &Event, workload: Option<String>, dns_name: Option<String>)
     }
 }
 
+/// The event for a DNS query the kernel refused (or, in audit mode, would refuse): its name
+/// matches none of the workload's FQDN rules (`dns_queries = "allowlisted"`).
+pub fn refused_query(
+    query: &egressd_datapath::DnsAnswer,
+    verdict: egressd_datapath::Verdict,
+    workload: Option<String>,
+    name: Option<String>,
+    mode: egressd_proto::Mode,
+) -> EventRecord {
+    let denied = verdict == egressd_datapath::Verdict::Deny;
+    EventRecord {
+        time: crate::engine::rfc3339(query.time),
+        kind: if denied {
+            WireKind::Denied
+        } else {
+            WireKind::WouldDeny
+        },
+        workload,
+        cgroup_id: query.cgroup_id,
+        pid: 0,
+        tid: 0,
+        comm: String::new(),
+        protocol: if query.tcp { "tcp" } else { "udp" }.to_owned(),
+        source: endpoint(Some(query.client.ip()), Some(query.client.port())),
+        destination: endpoint(Some(query.server.ip()), Some(query.server.port()))
+            .unwrap_or_else(|| "-".to_owned()),
+        verdict: if denied { "deny" } else { "would_deny" }.to_owned(),
+        reason: "dns_query".to_owned(),
+        hook: "egress".to_owned(),
+        mode,
+        dns_name: name,
+    }
+}
+
 #[derive(Serialize)]
 struct StdoutLine<'a> {
     #[serde(rename = "type")]

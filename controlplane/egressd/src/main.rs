@@ -298,6 +298,7 @@ async fn kernel_records(
             .collect::<Vec<_>>()
             .into_iter();
         let mut questions = Vec::new();
+        let mut refusals = Vec::new();
         for answers in answer_batch.chunks(ANSWERS_PER_LOCK) {
             {
                 let Ok(mut engine) = shared.engine.lock() else {
@@ -305,7 +306,10 @@ async fn kernel_records(
                     return;
                 };
                 for (answer, response) in answers.iter().zip(parsed.by_ref()) {
-                    questions.extend(engine.observe_answer(answer, response));
+                    match engine.refused_query_event(answer) {
+                        Some(record) => refusals.push(record),
+                        None => questions.extend(engine.observe_answer(answer, response)),
+                    }
                 }
             }
             tokio::task::yield_now().await;
@@ -334,6 +338,9 @@ async fn kernel_records(
         drop(engine);
         for question in questions {
             shared.recorder.question(question);
+        }
+        for record in refusals {
+            shared.events.publish(record);
         }
         for sighting in sightings {
             shared.recorder.sighting(sighting);

@@ -15,9 +15,9 @@ use crate::cidr::parse_cidr;
 use crate::error::{Diagnostic, Location, PolicyError, SourceMap};
 use crate::fqdn::FqdnPattern;
 use crate::model::{
-    AllowRule, ControlSettings, DaemonSettings, Defaults, Destination, DnsSettings, GroupRef,
-    GroupSetting, HOST_WORKLOAD, MAX_WORKLOADS, MetricsSettings, ObserveSettings, OnStop, Policy,
-    PolicySource, Workload,
+    AllowRule, ControlSettings, DaemonSettings, Defaults, Destination, DnsQueries, DnsSettings,
+    GroupRef, GroupSetting, HOST_WORKLOAD, MAX_WORKLOADS, MetricsSettings, ObserveSettings, OnStop,
+    Policy, PolicySource, Workload,
 };
 use crate::raw::{
     RawAllow, RawControl, RawDns, RawDuration, RawGroup, RawMetrics, RawObserve, RawPolicy,
@@ -381,6 +381,11 @@ impl Compiler<'_> {
             }
         };
         let mode = raw.mode.as_ref().and_then(|mode| self.mode(mode));
+        let dns_queries = raw
+            .dns_queries
+            .as_ref()
+            .and_then(|value| self.value(value, |s| s.parse::<DnsQueries>()))
+            .unwrap_or_default();
         let allow: Vec<AllowRule> = raw
             .allow
             .into_iter()
@@ -398,6 +403,7 @@ impl Compiler<'_> {
             cgroup,
             mode,
             raw_sockets: raw.raw_sockets,
+            dns_queries,
             allow,
             location,
         })

@@ -209,9 +209,35 @@ pub struct Workload {
     /// `None` = the policy's top-level mode.
     pub mode: Option<Mode>,
     pub raw_sockets: bool,
+    /// Which DNS questions the workload may send to the resolvers.
+    pub dns_queries: DnsQueries,
     pub allow: Vec<AllowRule>,
     /// Where the workload's table starts.
     pub location: Location,
+}
+
+/// `dns_queries`: which names a workload may ask the resolvers about.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DnsQueries {
+    /// Any name (the default).
+    #[default]
+    Any,
+    /// In strict mode, only names that one of the workload's `fqdn` rules matches: other
+    /// questions never leave the host (audit reports them, learning records them).
+    Allowlisted,
+}
+
+impl std::str::FromStr for DnsQueries {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "any" => Ok(DnsQueries::Any),
+            "allowlisted" => Ok(DnsQueries::Allowlisted),
+            other => Err(format!(
+                "invalid dns_queries {other:?}: expected \"any\" or \"allowlisted\""
+            )),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

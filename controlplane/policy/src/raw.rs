@@ -75,6 +75,7 @@ pub(crate) struct RawWorkload {
     pub cgroup: Option<Spanned<String>>,
     pub mode: Option<Spanned<String>>,
     pub raw_sockets: bool,
+    pub dns_queries: Option<Spanned<String>>,
     pub allow: Vec<Spanned<RawAllow>>,
 }
 

@@ -1128,3 +1128,16 @@ fn control_read_group_errors_name_the_value() {
         assert_error(text, needle, expected);
     }
 }
+
+#[test]
+fn dns_queries_defaults_to_any() {
+    let policy = ok("[[workload]]\nname = \"a\"\ncgroup = \"a\"\n");
+    assert_eq!(policy.workloads[0].dns_queries, DnsQueries::Any);
+    let policy = ok("[[workload]]\nname = \"a\"\ncgroup = \"a\"\ndns_queries = \"allowlisted\"\n");
+    assert_eq!(policy.workloads[0].dns_queries, DnsQueries::Allowlisted);
+    assert_error(
+        "[[workload]]\nname = \"a\"\ncgroup = \"a\"\ndns_queries = \"some\"\n",
+        "\"some\"",
+        "invalid dns_queries \"some\": expected \"any\" or \"allowlisted\"",
+    );
+}

@@ -80,6 +80,8 @@ pub const COUNTER_FQDN_INSERTS: u32 = 10;
 pub const COUNTER_FQDN_INSERT_FAILURES: u32 = 11;
 /// Flow summaries that could not be created (the first sight is still reported as an event).
 pub const COUNTER_FLOW_INSERT_FAILURES: u32 = 12;
+/// DNS queries refused because their name matches no FQDN rule (`dns_queries`).
+pub const COUNTER_DNS_QUERIES_REFUSED: u32 = 13;
 pub const COUNTERS_LEN: u32 = 16;
 
 /// DNS payload bytes copied per answer: above the 1232-byte EDNS size resolvers use over UDP.
@@ -93,6 +95,11 @@ pub const DNS_RING_BUFFER_BYTES: u32 = 1 << 22;
 pub const DNS_ANSWER_NAME_ALLOWED: u16 = 1;
 /// `DnsAnswer::flags`: the answer came over TCP (payload starts after the length prefix).
 pub const DNS_ANSWER_TCP: u16 = 1 << 1;
+/// `DnsAnswer::flags`: not an answer but a query the kernel refused (strict mode,
+/// `dns_queries = "allowlisted"`, a name no FQDN rule matches): the payload is the query.
+pub const DNS_QUERY_REFUSED: u16 = 1 << 2;
+/// `DnsAnswer::flags`: such a query in audit mode: sent, but strict mode would refuse it.
+pub const DNS_QUERY_WOULD_REFUSE: u16 = 1 << 3;
 
 /// A DNS answer (UDP from port 53) received by a socket of a workload, for userspace to parse.
 #[repr(C)]

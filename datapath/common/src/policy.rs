@@ -25,6 +25,9 @@ pub const MAX_PORT_RULES: usize = 16;
 pub const WORKLOAD_FLAG_RAW_SOCKETS: u32 = 1;
 /// `WorkloadConfig::flags`: slot is in use.
 pub const WORKLOAD_FLAG_ACTIVE: u32 = 1 << 1;
+/// `WorkloadConfig::flags`: DNS questions must match one of the workload's FQDN rules
+/// (refused in strict mode, reported in audit mode).
+pub const WORKLOAD_FLAG_DNS_ALLOWLISTED: u32 = 1 << 2;
 
 /// Value of `WORKLOADS[id]`.
 #[repr(C)]
