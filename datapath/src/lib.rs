@@ -4,6 +4,7 @@
 
 mod events;
 mod flows;
+mod kernel;
 mod pins;
 mod rules;
 
@@ -40,6 +41,7 @@ pub use events::{
     DnsAnswer, DnsAnswerStream, Event, EventKind, EventStream, Hook, Reason, Verdict,
 };
 pub use flows::{FlowSummary, TaskRef};
+pub use kernel::release as kernel_release;
 pub use pins::{PinError, uninstall};
 pub use rules::CidrRule;
 use rules::Prefix;
@@ -65,6 +67,29 @@ pub enum DatapathError {
         action: &'static str,
         #[source]
         source: Box<ProgramError>,
+    },
+    #[error(
+        "this kernel (Linux {kernel}) lacks what egressd needs: {}; egressd needs Linux {} or \
+         later (README: Kernel requirements). Nothing was loaded or attached",
+        missing.join("; "),
+        kernel::TESTED_MINIMUM
+    )]
+    KernelLacks {
+        kernel: String,
+        /// Each missing feature, with the mainline release that added it when known.
+        missing: Vec<String>,
+    },
+    #[error(
+        "the kernel (Linux {kernel}) refused eBPF program {name}: {reason}. egressd runs on \
+         Linux {} and later, whose verifiers accept its programs (README: Kernel requirements); \
+         nothing was attached. EGRESSD_LOG=debug logs the verifier's full output",
+        kernel::TESTED_MINIMUM
+    )]
+    ProgramRefused {
+        name: &'static str,
+        kernel: String,
+        /// The verifier's own words for the rule the program broke, or the error it returned.
+        reason: String,
     },
     #[error("eBPF map {name} is missing from the object")]
     MissingMap { name: &'static str },
@@ -331,6 +356,14 @@ impl Datapath {
     /// which [`Datapath::retire_previous`] detaches once the new policy is applied.
     pub fn load(cgroup_root: &Path, pin_dir: Option<&Path>) -> Result<Self, DatapathError> {
         raise_memlock_limit();
+        // Before any pin or map exists: an unsuitable kernel changes nothing on the host.
+        let missing = kernel::missing_features();
+        if !missing.is_empty() {
+            return Err(DatapathError::KernelLacks {
+                kernel: kernel::release(),
+                missing,
+            });
+        }
         let pins = pin_dir
             .map(|dir| pins::PinDir::prepare(dir, LAYOUT_VERSION))
             .transpose()?;
@@ -1146,9 +1179,31 @@ macro_rules! loaded {
             .ok_or(DatapathError::MissingProgram { name })?
             .try_into()
             .map_err(program_err(name, "type check"))?;
-        program.load().map_err(program_err(name, "loading"))?;
+        program.load().map_err(|e| load_err(name, e))?;
         program
     }};
+}
+
+/// A refusal by the verifier as the rule the program broke on this kernel (the full log goes
+/// to the debug log); any other failure as it is.
+fn load_err(name: &'static str, error: ProgramError) -> DatapathError {
+    match error {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            let log = verifier_log.to_string();
+            log::debug!("the verifier's output for eBPF program {name}:\n{log}");
+            DatapathError::ProgramRefused {
+                name,
+                kernel: kernel::release(),
+                reason: kernel::verifier_reason(&log).unwrap_or_else(|| {
+                    format!("the BPF_PROG_LOAD syscall failed ({io_error}) without a reason")
+                }),
+            }
+        }
+        other => program_err(name, "loading")(other),
+    }
 }
 
 /// The programs to attach, in order, and where.
@@ -1176,18 +1231,26 @@ fn load_all(ebpf: &mut Ebpf) -> Result<(AttachPlan, bool), DatapathError> {
     plan.push(("sock_create", AttachPoint::Sock));
     loaded!(ebpf, SockOps, "sock_ops");
     plan.push(("sock_ops", AttachPoint::SockOps));
-    let sender_tasks = match try_load_cgroup_skb(ebpf, "egress") {
-        Ok(()) => true,
-        Err(e) => {
-            // Kernels before 6.10 refuse bpf_get_current_pid_tgid in cgroup_skb programs.
-            log::info!(
-                "egress program with sending tasks refused ({e}); using egress_compat: flows \
-                 name their connecting task only"
-            );
-            try_load_cgroup_skb(ebpf, "egress_compat")?;
-            false
+    // Probed first: a refused load of the whole program would cost a full verifier run, and
+    // kernels before 6.10 refuse bpf_get_current_pid_tgid in cgroup_skb programs.
+    let sender_tasks = if kernel::cgroup_skb_knows_current_task() {
+        match try_load_cgroup_skb(ebpf, "egress") {
+            Ok(()) => true,
+            Err(e) => {
+                log::info!("egress program with sending tasks refused ({e}); using egress_compat");
+                false
+            }
         }
+    } else {
+        log::info!(
+            "cgroup_skb programs cannot name the current task on this kernel (Linux 6.10 can): \
+             using egress_compat, flows name their connecting task only"
+        );
+        false
     };
+    if !sender_tasks {
+        try_load_cgroup_skb(ebpf, "egress_compat")?;
+    }
     let egress = if sender_tasks {
         "egress"
     } else {

@@ -15,8 +15,12 @@ use tempfile::TempDir;
 use crate::bins::{egressctl_bin, egressd_bin, probe_bin, run_bounded};
 use crate::cgroup::{cgroup2_root, require_root};
 
-/// How long egressd may take to answer `status` after it starts.
+/// How long egressd may take to answer `status` after it starts, unless
+/// `EGRESSD_TEST_READY_TIMEOUT_SECS` says otherwise (see [`ready_timeout`]).
 pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// Overrides [`READY_TIMEOUT`]: scripts/kernel-matrix.sh runs the tests in VMs under
+/// software emulation, where the verifier alone takes minutes.
+const READY_TIMEOUT_VAR: &str = "EGRESSD_TEST_READY_TIMEOUT_SECS";
 /// How long a test waits for an event to show up in `egressctl events`.
 pub const EVENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bound on one `egressctl` run.
@@ -29,6 +33,17 @@ const SERIAL_TIMEOUT: Duration = Duration::from_secs(600);
 pub const PIN_ROOT: &str = "/sys/fs/bpf";
 /// Lock file shared by every test process that runs a daemon.
 const LOCK_FILE: &str = "/tmp/egressd-tests.lock";
+
+/// [`READY_TIMEOUT`], or `EGRESSD_TEST_READY_TIMEOUT_SECS` seconds when set; panics when that
+/// is not a whole number.
+pub fn ready_timeout() -> Duration {
+    match std::env::var(READY_TIMEOUT_VAR) {
+        Ok(secs) => Duration::from_secs(secs.trim().parse().unwrap_or_else(|err| {
+            panic!("{READY_TIMEOUT_VAR}={secs:?} is not a number of seconds: {err}")
+        })),
+        Err(_) => READY_TIMEOUT,
+    }
+}
 
 /// Whether a [`DaemonLock`] is held in this process (the lock file orders processes). A flag
 /// and a condition variable rather than a mutex guard, so that the lock can move between
@@ -148,7 +163,7 @@ pub struct Daemon {
 
 impl Daemon {
     /// Writes `policy_toml`, starts egressd on it and waits until `egressctl
-    /// status` answers (polling every 50 ms, at most [`READY_TIMEOUT`]).
+    /// status` answers (polling every 50 ms, at most [`ready_timeout`]).
     pub fn start(policy_toml: &str) -> Daemon {
         Daemon::start_with_args(policy_toml, &[])
     }
@@ -275,6 +290,7 @@ impl Daemon {
     }
 
     fn wait_ready(&mut self) {
+        let ready_timeout = ready_timeout();
         let started = Instant::now();
         loop {
             if let Some(child) = self.child.as_mut()
@@ -300,9 +316,9 @@ impl Daemon {
                 );
                 return;
             }
-            if started.elapsed() > READY_TIMEOUT {
+            if started.elapsed() > ready_timeout {
                 panic!(
-                    "egressd did not answer `status` within {READY_TIMEOUT:?}; last egressctl \
+                    "egressd did not answer `status` within {ready_timeout:?}; last egressctl \
                      stderr: {}\n{}",
                     String::from_utf8_lossy(&output.stderr),
                     self.logs()

@@ -36,7 +36,7 @@ mod users;
 
 pub use bins::{binary, egressctl_bin, egressd_bin, probe_bin, run_bounded};
 pub use cgroup::{TestCgroup, cgroup2_root, require_root};
-pub use daemon::{Daemon, DaemonLock, EVENT_TIMEOUT, READY_TIMEOUT};
+pub use daemon::{Daemon, DaemonLock, EVENT_TIMEOUT, READY_TIMEOUT, ready_timeout};
 pub use dns::{
     AnswerRecord, DNS_PORT, DNSMASQ, Dnsmasq, DnsmasqBuilder, FakeResolver, ReceivedQuery,
     answer_addresses, answer_bytes, query_bytes, tcp_exchange, udp_exchange, wire,
