@@ -19,7 +19,10 @@ ensure_apt_packages() {
   done
   if [ "${#missing[@]}" -gt 0 ]; then
     log "installing Debian packages: ${missing[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${flags[@]}" "${missing[@]}" >/dev/null
+    # Another apt run (unattended-upgrades, a parallel set-up) holds dpkg's lock for a while:
+    # wait for it rather than fail.
+    local wait_for_lock=(-o DPkg::Lock::Timeout=600)
+    apt-get "${wait_for_lock[@]}" update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get "${wait_for_lock[@]}" install -y -qq "${flags[@]}" "${missing[@]}" >/dev/null
   fi
 }
