@@ -97,6 +97,7 @@ impl Plan {
             cgroup: self.cgroups[0].clone(),
             mode: Some(mode.to_owned()),
             raw_sockets: false,
+            dns_queries: None,
             allow: Vec::with_capacity(entries.len() + 2),
         };
         measured
@@ -118,6 +119,7 @@ impl Plan {
                 cgroup: cgroup.clone(),
                 mode: Some("strict".to_owned()),
                 raw_sockets: false,
+                dns_queries: None,
                 allow: other(k)
                     .iter()
                     .map(|e| allow(&e.to_string(), &[], "any"))

@@ -22,7 +22,8 @@ use aya::{
     },
 };
 use egressd_common::dns::{
-    FQDN_EXACT, FQDN_WILDCARD, FqdnKey, FqdnValue, MAX_FQDN_ADDRESSES, MAX_FQDN_ENTRIES, name_hash,
+    FQDN_EXACT, FQDN_SEARCH_EXACT, FQDN_SEARCH_WILDCARD, FQDN_WILDCARD, FqdnKey, FqdnValue,
+    MAX_FQDN_ADDRESSES, MAX_FQDN_ENTRIES, name_hash,
 };
 use egressd_common::policy as policy_limits;
 use egressd_common::policy::{ALLOW_FLAG_DYNAMIC, MAX_PORT_RULES, PortRule};
@@ -234,6 +235,9 @@ pub struct DatapathPolicy {
     pub fqdn: Vec<FqdnSpec>,
     /// Resolvers whose answers count; DNS to them on port 53 is allowed.
     pub resolvers: Vec<std::net::IpAddr>,
+    /// Search domains (lowercase, no trailing dot): a workload with `dns_allowlisted` may ask
+    /// about each of its FQDN rules' names with one of these appended.
+    pub dns_search_domains: Vec<String>,
     /// Denied for every workload.
     pub deny: Vec<IpNet>,
     /// Workload for processes in no workload, or None to leave them alone.
@@ -680,7 +684,8 @@ impl Datapath {
             return Err(DatapathError::WorkloadIdOutOfRange { id });
         }
         let desired_deny: BTreeSet<Prefix> = policy.deny.iter().map(rules::to_prefix).collect();
-        let desired_fqdn = compile_fqdn(&policy.fqdn, &policy.workloads)?;
+        let desired_fqdn =
+            compile_fqdn(&policy.fqdn, &policy.workloads, &policy.dns_search_domains)?;
         let desired_resolvers: BTreeSet<[u8; 16]> = policy
             .resolvers
             .iter()
@@ -1071,6 +1076,7 @@ fn fqdn_key(workload: u32, hash: u64) -> FqdnKey {
 fn compile_fqdn(
     specs: &[FqdnSpec],
     workloads: &[WorkloadSpec],
+    search_domains: &[String],
 ) -> Result<BTreeMap<(u32, u64), FqdnValue>, DatapathError> {
     /// Per (workload, name hash): exact rules, wildcard rules, and a name for messages.
     type Rules<'a> = BTreeMap<(u32, u64), (Vec<PortRule>, Vec<PortRule>, &'a str)>;
@@ -1113,8 +1119,35 @@ fn compile_fqdn(
         }
         compiled.insert((workload, hash), value);
     }
+    // Search-list expansions of the names of workloads whose questions are checked: askable,
+    // granting nothing. An entry that is also a rule keeps its rules.
+    let checked: BTreeSet<u32> = workloads
+        .iter()
+        .filter(|w| w.dns_allowlisted)
+        .map(|w| w.id)
+        .collect();
+    for spec in specs.iter().filter(|spec| checked.contains(&spec.workload)) {
+        for domain in search_domains {
+            let expanded = format!("{}.{domain}", spec.name);
+            if expanded.len() > MAX_NAME_TEXT_LEN {
+                // No resolver sends a name this long; nothing to allow.
+                continue;
+            }
+            let value = compiled
+                .entry((spec.workload, name_hash(expanded.as_bytes())))
+                .or_insert_with(FqdnValue::default);
+            value.flags |= if spec.wildcard {
+                FQDN_SEARCH_WILDCARD
+            } else {
+                FQDN_SEARCH_EXACT
+            };
+        }
+    }
     Ok(compiled)
 }
+
+/// Longest name in text form (RFC 1035: 255 bytes in wire form).
+const MAX_NAME_TEXT_LEN: usize = 253;
 
 fn workload_config(mode: Mode, raw_sockets: bool, dns_allowlisted: bool) -> WorkloadConfig {
     let mut flags = WORKLOAD_FLAG_ACTIVE;
@@ -1131,11 +1164,17 @@ fn workload_config(mode: Mode, raw_sockets: bool, dns_allowlisted: bool) -> Work
 }
 
 /// Whether a workload switching from `old` to `new` refuses something it allowed: it becomes
-/// strict, or stays strict and loses raw sockets. (Learning and audit refuse nothing.)
+/// strict, or stays strict and loses raw sockets or starts checking its DNS questions.
+/// (Learning and audit refuse nothing.)
 fn refuses_more(old: &WorkloadConfig, new: &WorkloadConfig) -> bool {
     let strict = |config: &WorkloadConfig| config.mode == MODE_STRICT;
     let raw = |config: &WorkloadConfig| config.flags & WORKLOAD_FLAG_RAW_SOCKETS != 0;
-    strict(new) && (!strict(old) || (raw(old) && !raw(new)))
+    let checks_questions =
+        |config: &WorkloadConfig| config.flags & WORKLOAD_FLAG_DNS_ALLOWLISTED != 0;
+    strict(new)
+        && (!strict(old)
+            || (raw(old) && !raw(new))
+            || (!checks_questions(old) && checks_questions(new)))
 }
 
 /// Entries in `installed` and `desired` together.
@@ -1436,7 +1475,7 @@ mod switch_order_tests {
 
     #[test]
     fn only_becoming_strict_or_losing_raw_sockets_refuses_more() {
-        let config = |mode, raw| workload_config(mode, raw);
+        let config = |mode, raw| workload_config(mode, raw, false);
         let cases = [
             (Mode::Learning, false, Mode::Strict, false, true),
             (Mode::Audit, true, Mode::Strict, true, true),
@@ -1453,6 +1492,62 @@ mod switch_order_tests {
                 "{old_mode} (raw {old_raw}) -> {new_mode} (raw {new_raw})"
             );
         }
+    }
+
+    #[test]
+    fn checking_dns_questions_in_strict_mode_refuses_more() {
+        let strict = workload_config(Mode::Strict, false, false);
+        let strict_checked = workload_config(Mode::Strict, false, true);
+        let audit_checked = workload_config(Mode::Audit, false, true);
+        assert!(refuses_more(&strict, &strict_checked));
+        assert!(!refuses_more(&strict_checked, &strict));
+        assert!(!refuses_more(&strict, &audit_checked));
+    }
+
+    #[test]
+    fn search_domains_make_allowed_names_askable_and_grant_nothing() {
+        let workload = |id, dns_allowlisted| WorkloadSpec {
+            id,
+            name: format!("w{id}"),
+            mode: Mode::Strict,
+            raw_sockets: false,
+            dns_allowlisted,
+            cgroup_ids: Vec::new(),
+            rules: Vec::new(),
+        };
+        let spec = |workload, name: &str, wildcard| FqdnSpec {
+            workload,
+            name: name.into(),
+            wildcard,
+            ports: vec![PortRange::single(443)],
+            protocol: Protocol::Tcp,
+        };
+        let workloads = [workload(1, true), workload(2, false)];
+        let specs = [
+            spec(1, "api.vendor.test", false),
+            spec(1, "cdn.test", true),
+            // Also a rule of its own: keeps its rules and gains the flag.
+            spec(1, "api.vendor.test.corp.test", false),
+            spec(2, "api.vendor.test", false),
+        ];
+        let domains = ["corp.test".to_owned(), "svc.local".to_owned()];
+        let compiled = compile_fqdn(&specs, &workloads, &domains).expect("compiles");
+        let entry = |workload, name: &str| compiled.get(&(workload, name_hash(name.as_bytes())));
+
+        let expanded = entry(1, "api.vendor.test.svc.local").expect("expanded name");
+        assert_eq!(expanded.flags, FQDN_SEARCH_EXACT);
+        assert_eq!((expanded.exact_count, expanded.wildcard_count), (0, 0));
+        let suffix = entry(1, "cdn.test.corp.test").expect("expanded wildcard suffix");
+        assert_eq!(suffix.flags, FQDN_SEARCH_WILDCARD);
+        let both = entry(1, "api.vendor.test.corp.test").expect("rule and expansion");
+        assert_eq!(both.flags, FQDN_EXACT | FQDN_SEARCH_EXACT);
+        assert_eq!(both.exact_count, 1);
+        assert!(
+            entry(2, "api.vendor.test.corp.test").is_none(),
+            "a workload whose questions are free needs no expansions"
+        );
+        // 3 rules of workload 1, 2 of their expansions new per domain but one shared; 1 of 2.
+        assert_eq!(compiled.len(), 3 + 5 + 1);
     }
 
     #[test]

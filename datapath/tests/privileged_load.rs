@@ -70,6 +70,7 @@ async fn privileged_pinned_maps_are_adopted_with_their_policy() {
         workloads: Vec::new(),
         fqdn: Vec::new(),
         resolvers: Vec::new(),
+        dns_search_domains: Vec::new(),
         deny: Vec::new(),
         unmatched: None,
     };
@@ -103,6 +104,7 @@ fn sample_policy() -> DatapathPolicy {
             protocol: Protocol::Tcp,
         }],
         resolvers: vec!["127.0.0.53".parse().expect("ip")],
+        dns_search_domains: vec!["corp.test".into()],
         deny: vec!["169.254.169.254/32".parse().expect("net")],
         unmatched: None,
     }

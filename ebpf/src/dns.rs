@@ -19,9 +19,9 @@ use aya_ebpf::{
 use egressd_common::{
     Addr,
     dns::{
-        FQDN_EXACT, FQDN_WILDCARD, FqdnKey, FqdnValue, MAX_ANSWER_RECORDS, MAX_FQDN_ADDRESSES,
-        MAX_FQDN_ENTRIES, MAX_RESOLVERS, NAME_HASH_START, PENDING_QUERY_SLOTS, PendingQueries,
-        PendingQuery, name_hash_step,
+        FQDN_EXACT, FQDN_SEARCH_EXACT, FQDN_SEARCH_WILDCARD, FQDN_WILDCARD, FqdnKey, FqdnValue,
+        MAX_ANSWER_RECORDS, MAX_FQDN_ADDRESSES, MAX_FQDN_ENTRIES, MAX_RESOLVERS, NAME_HASH_START,
+        PENDING_QUERY_SLOTS, PendingQueries, PendingQuery, name_hash_step,
     },
     event::{
         COUNTER_DNS_ANSWERS, COUNTER_DNS_DROPS, COUNTER_DNS_QUERIES_REFUSED, COUNTER_DNS_REJECTED,
@@ -79,6 +79,8 @@ pub struct Scratch {
     wildcard_hash: u64,
     found_exact: u32,
     found_wildcard: u32,
+    /// The name may be asked about: a rule's name or a search-list expansion of one.
+    question_allowed: u32,
 }
 
 #[map]
@@ -130,17 +132,34 @@ fn message_offset(parsed: &Parsed) -> Option<usize> {
 }
 
 /// The name hash; whether the workload's FQDN entries match it is left in the scratch area.
+///
+/// A plain struct rather than an `Option`: LLVM may keep the undefined payload of a `None` in
+/// a register and spill it, and the verifier refuses to read an unwritten register.
+#[derive(Clone, Copy)]
 struct NameMatch {
     /// Hash of the whole name.
     hash: u64,
-    /// Bytes the name takes in wire form (including the final zero).
+    /// Bytes the name takes in wire form (including the final zero); 0: no name was read.
     wire_len: usize,
+}
+
+impl NameMatch {
+    const NONE: NameMatch = NameMatch {
+        hash: 0,
+        wire_len: 0,
+    };
+
+    fn is_some(&self) -> bool {
+        self.wire_len != 0
+    }
 }
 
 /// Reads the uncompressed name at `offset` and hashes it (backward, see `egressd_common::dns`).
 #[inline(always)]
-fn read_name(ctx: &SkBuffContext, offset: usize, workload: u32) -> Option<NameMatch> {
-    let scratch = SCRATCH.get_ptr_mut(0)?;
+fn read_name(ctx: &SkBuffContext, offset: usize, workload: u32) -> NameMatch {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return NameMatch::NONE;
+    };
     // SAFETY: per-CPU scratch, this program is its only user on this CPU.
     let scratch = unsafe { &mut *scratch };
     let available = (ctx.len() as usize).saturating_sub(offset);
@@ -150,7 +169,7 @@ fn read_name(ctx: &SkBuffContext, offset: usize, workload: u32) -> Option<NameMa
         available
     };
     if wanted == 0 {
-        return None;
+        return NameMatch::NONE;
     }
     // A bound the verifier tracks: 1..=256.
     let wanted = wanted as u32;
@@ -167,40 +186,46 @@ fn read_name(ctx: &SkBuffContext, offset: usize, workload: u32) -> Option<NameMa
         )
     };
     if loaded != 0 {
-        return None;
+        return NameMatch::NONE;
     }
     let available = wanted as usize;
 
-    // Forward: find the label boundaries and the end.
-    scratch.label_starts = [0; 4];
+    // Forward: find the label boundaries and the end. Plain integers, no Option: LLVM may
+    // carry an Option's undefined payload in a register, which the verifier refuses to read
+    // ("!read_ok"). Volatile stores keep the clearing from becoming a memset call.
+    for word in 0..4 {
+        // SAFETY: writes within the per-CPU scratch area.
+        unsafe { core::ptr::write_volatile(&mut scratch.label_starts[word], 0) };
+    }
     let mut pos: usize = 0;
     let mut labels = 0;
-    let mut end = None;
+    // 0: no end found (or the root name, which no question we accept asks for).
+    let mut end: usize = 0;
     while labels < MAX_LABELS {
         if pos >= available {
-            return None;
+            break;
         }
         let len = scratch.name[pos & (NAME_BUFFER - 1)];
         if len == 0 {
-            end = Some(pos);
+            end = pos;
             break;
         }
         if len > 63 {
             // A compression pointer or a reserved label type: not in a question we accept.
-            return None;
+            break;
         }
         scratch.label_starts[(pos >> 6) & 3] |= 1u64 << (pos & 63);
         pos += usize::from(len) + 1;
         labels += 1;
     }
-    let end = end?;
     if end == 0 {
-        return None;
+        return NameMatch::NONE;
     }
 
     // Backward: the hash of each suffix is ready at the label length before it.
     scratch.found_exact = 0;
     scratch.found_wildcard = 0;
+    scratch.question_allowed = 0;
     let mut hash = NAME_HASH_START;
     let mut i = end;
     let mut steps = 0;
@@ -231,17 +256,25 @@ fn read_name(ctx: &SkBuffContext, offset: usize, workload: u32) -> Option<NameMa
                     scratch.found_wildcard = 1;
                     scratch.wildcard_hash = hash;
                 }
+                let asks = if index == 0 {
+                    FQDN_EXACT | FQDN_SEARCH_EXACT
+                } else {
+                    FQDN_WILDCARD | FQDN_SEARCH_WILDCARD
+                };
+                if flags & asks != 0 {
+                    scratch.question_allowed = 1;
+                }
             }
         }
         if index == 0 {
-            return Some(NameMatch {
+            return NameMatch {
                 hash,
                 wire_len: end + 1,
-            });
+            };
         }
         hash = name_hash_step(hash, b'.');
     }
-    None
+    NameMatch::NONE
 }
 
 /// Header fields we need: id, whether it is a response, question and answer counts.
@@ -270,9 +303,10 @@ pub fn record_query(ctx: &SkBuffContext, parsed: &Parsed, sk: *mut c_void) {
     if is_response || questions != 1 {
         return;
     }
-    let Some(name) = read_name(ctx, offset + DNS_HEADER_LEN, 0) else {
+    let name = read_name(ctx, offset + DNS_HEADER_LEN, 0);
+    if !name.is_some() {
         return;
-    };
+    }
     remember_query(sk, name.hash, &parsed.flow.dst, id);
 }
 
@@ -319,7 +353,9 @@ pub fn check_query(
     workload: u32,
     strict: bool,
 ) -> bool {
-    if parsed.flow.dst_port != DNS_PORT || !is_resolver(&parsed.flow.dst) {
+    // Every destination on port 53, not only the resolvers: a name server the allowlist lets
+    // the workload reach directly is as good a channel as a resolver.
+    if parsed.flow.dst_port != DNS_PORT {
         return false;
     }
     let Some(offset) = message_offset(parsed) else {
@@ -336,13 +372,11 @@ pub fn check_query(
     let name = if questions == 1 {
         read_name(ctx, offset + DNS_HEADER_LEN, workload)
     } else {
-        None
+        NameMatch::NONE
     };
-    let matched = match (&name, SCRATCH.get_ptr(0)) {
+    let matched = match SCRATCH.get_ptr(0) {
         // SAFETY: per-CPU scratch written by read_name just now.
-        (Some(_), Some(scratch)) => unsafe {
-            (*scratch).found_exact != 0 || (*scratch).found_wildcard != 0
-        },
+        Some(scratch) if name.is_some() => unsafe { (*scratch).question_allowed != 0 },
         _ => false,
     };
     if !matched {
@@ -357,7 +391,7 @@ pub fn check_query(
             return true;
         }
     }
-    if let Some(name) = name {
+    if name.is_some() && is_resolver(&parsed.flow.dst) {
         remember_query(sk, name.hash, &parsed.flow.dst, id);
     }
     false
@@ -529,10 +563,11 @@ pub fn handle_answer(ctx: &SkBuffContext, parsed: &Parsed, sk: *mut c_void, work
         count(COUNTER_DNS_REJECTED);
         return;
     }
-    let Some(name) = read_name(ctx, offset + DNS_HEADER_LEN, workload) else {
+    let name = read_name(ctx, offset + DNS_HEADER_LEN, workload);
+    if !name.is_some() {
         count(COUNTER_DNS_REJECTED);
         return;
-    };
+    }
     if !take_pending(sk, id, name.hash, &parsed.flow.src) {
         // Unsolicited or spoofed: it grants nothing and is not passed on.
         count(COUNTER_DNS_REJECTED);

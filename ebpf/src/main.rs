@@ -328,30 +328,23 @@ fn egress_packet<const WITH_TASK: bool>(ctx: &SkBuffContext) -> i32 {
     if parsed.control && !user_raw {
         return ALLOW;
     }
-    if parsed.flow.has_port && parsed.flow.dst_port == dns::DNS_PORT {
+    // DNS questions: remembered for their answers, or, for a workload whose questions must
+    // name what its FQDN rules allow, left to the dns_query program once the destination
+    // itself is allowed (below).
+    let query_check = if parsed.flow.has_port && parsed.flow.dst_port == dns::DNS_PORT {
         let settings = settings();
         let workload = socket_workload(state, &settings, |level| {
             // SAFETY: skb is the context.
             unsafe { bpf_skb_ancestor_cgroup_id(skb, level) }
         });
-        match dns::query_check(workload_config(workload)) {
-            dns::QueryCheck::Names => {
-                // The name must match the workload's FQDN rules: checked by the dns_query
-                // program (too much for this one's verifier budget), whose verdict becomes
-                // this packet's. Returns here only if the tail call failed.
-                // SAFETY: the program array holds cgroup_skb programs only.
-                unsafe { dns::DNS_QUERY_PROGRAM.tail_call(ctx, 0) };
-                count(egressd_common::event::COUNTER_DNS_QUERIES_REFUSED);
-                return REFUSE;
-            }
-            dns::QueryCheck::Report => {
-                // SAFETY: as above.
-                unsafe { dns::DNS_QUERY_PROGRAM.tail_call(ctx, 0) };
-                dns::record_query(ctx, &parsed, full.cast::<c_void>());
-            }
-            dns::QueryCheck::None => dns::record_query(ctx, &parsed, full.cast::<c_void>()),
+        let check = dns::query_check(workload_config(workload));
+        if let dns::QueryCheck::None = check {
+            dns::record_query(ctx, &parsed, full.cast::<c_void>());
         }
-    }
+        check
+    } else {
+        dns::QueryCheck::None
+    };
     // SAFETY: full is a valid full socket.
     let sk_state = unsafe { (*full).state };
     if state.flags & SOCKET_FLAG_INBOUND != 0 || sk_state == TCP_LISTEN {
@@ -366,7 +359,7 @@ fn egress_packet<const WITH_TASK: bool>(ctx: &SkBuffContext) -> i32 {
         if state.workload != NO_WORKLOAD {
             account_sent::<WITH_TASK>(ctx, state, &parsed, tcp_fast_path);
         }
-        return ALLOW;
+        return allowed(ctx, query_check);
     }
     // The packet's cgroup is the socket's: authoritative even for passed sockets.
     let workload = socket_workload(state, &settings, |level| {
@@ -409,7 +402,29 @@ fn egress_packet<const WITH_TASK: bool>(ctx: &SkBuffContext) -> i32 {
         return REFUSE;
     }
     account_sent::<WITH_TASK>(ctx, state, &parsed, tcp_fast_path);
-    ALLOW
+    allowed(ctx, query_check)
+}
+
+/// The verdict of a packet the allowlist allows: its own, unless it is a DNS question whose
+/// name must match the workload's FQDN rules. That check runs in the dns_query program (too
+/// much for this one's verifier budget), whose verdict then becomes the packet's.
+#[inline(always)]
+fn allowed(ctx: &SkBuffContext, query_check: dns::QueryCheck) -> i32 {
+    match query_check {
+        dns::QueryCheck::None => ALLOW,
+        dns::QueryCheck::Names => {
+            // SAFETY: the program array holds cgroup_skb programs only.
+            unsafe { dns::DNS_QUERY_PROGRAM.tail_call(ctx, 0) };
+            // Reached only if the tail call failed: fail closed.
+            count(egressd_common::event::COUNTER_DNS_QUERIES_REFUSED);
+            REFUSE
+        }
+        dns::QueryCheck::Report => {
+            // SAFETY: as above.
+            unsafe { dns::DNS_QUERY_PROGRAM.tail_call(ctx, 0) };
+            ALLOW
+        }
+    }
 }
 
 /// Adds an allowed packet to its flow summary and, where the current task is known and the
@@ -471,10 +486,10 @@ fn egress_without_state(ctx: &SkBuffContext, flow: &Flow) -> i32 {
 
 // ---- dns_query: questions of `dns_queries = "allowlisted"` workloads (tail call from egress) ----
 
-/// Reached only by tail call from `egress`, for a packet to port 53 of a workload whose DNS
-/// questions must name something its FQDN rules allow (strict or audit). Its verdict is the
-/// packet's: a refused question never leaves the host; an allowed one is remembered for the
-/// answer's validation. Not attached itself.
+/// Reached only by tail call from `egress`, for a packet to port 53 that the allowlist allows,
+/// of a workload whose DNS questions must name something its FQDN rules allow (strict or
+/// audit). Its verdict is the packet's: a refused question never leaves the host; an allowed
+/// one is remembered for the answer's validation. Not attached itself.
 #[cgroup_skb(egress)]
 pub fn dns_query(ctx: SkBuffContext) -> i32 {
     let parsed = packet::parse(&ctx);

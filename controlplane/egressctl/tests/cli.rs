@@ -172,6 +172,8 @@ fn status_report() -> StatusReport {
             dns_answers: 0,
             dns_answer_drops: 0,
             dns_resolvers: Vec::new(),
+            dns_search_domains: Vec::new(),
+            dns_queries_refused: 0,
             pin_dir: None,
             adopted: false,
             maps: Vec::new(),

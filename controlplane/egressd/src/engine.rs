@@ -53,6 +53,7 @@ pub struct Engine {
     /// Names → addresses learned from DNS answers (FQDN rules).
     dns: egressd_dns::FqdnTable,
     resolvers: Vec<IpAddr>,
+    search_domains: Vec<String>,
     dns_parse_failures: u64,
     /// Learned addresses in the kernel the daemon did not adopt, at the last check.
     unadopted: BTreeSet<(u32, IpAddr)>,
@@ -86,6 +87,7 @@ impl Engine {
             reloads_failed: 0,
             dns: egressd_dns::FqdnTable::new(egressd_dns::TableSettings::default()),
             resolvers: Vec::new(),
+            search_domains: Vec::new(),
             dns_parse_failures: 0,
             unadopted: BTreeSet::new(),
             inherited_addresses: BTreeMap::new(),
@@ -219,6 +221,7 @@ impl Engine {
                     })
                     .collect(),
                 resolvers: effective_resolvers(policy),
+                dns_search_domains: effective_search_domains(policy),
                 deny: policy.defaults.deny.clone(),
                 unmatched,
             },
@@ -238,6 +241,7 @@ impl Engine {
             .set_settings(egressd_dns::TableSettings::from(&policy.dns));
         changed.extend(self.dns.set_rules(fqdn_rules(&workloads_with_ids, &ids)));
         self.resolvers = compiled.resolvers.clone();
+        self.search_domains = compiled.dns_search_domains.clone();
         self.refresh_addresses(&changed);
         tracing::info!(
             policy = %policy.source.path.display(),
@@ -688,6 +692,8 @@ impl Engine {
                 dns_answers: counters.dns_answers,
                 dns_answer_drops: counters.dns_answer_drops,
                 dns_resolvers: self.resolvers.iter().map(IpAddr::to_string).collect(),
+                dns_search_domains: self.search_domains.clone(),
+                dns_queries_refused: counters.dns_queries_refused,
                 pin_dir: self.datapath.pin_dir().map(|dir| dir.display().to_string()),
                 adopted: self.datapath.adopted(),
                 maps: self
@@ -734,17 +740,42 @@ fn effective_resolvers(policy: &Policy) -> Vec<IpAddr> {
     if !policy.dns.resolvers.is_empty() {
         return policy.dns.resolvers.clone();
     }
+    host_resolv_conf("no resolvers for fqdn rules")
+        .map(|config| config.nameservers.iter().map(IpAddr::from).collect())
+        .unwrap_or_default()
+}
+
+/// `dns.search_domains`, or the search list of /etc/resolv.conf when the key is left out.
+fn effective_search_domains(policy: &Policy) -> Vec<String> {
+    if let Some(domains) = &policy.dns.search_domains {
+        return domains.clone();
+    }
+    host_resolv_conf("no search domains for dns_queries")
+        .map(|config| {
+            config
+                .get_last_search_or_domain()
+                .filter_map(|domain| {
+                    let pattern = egressd_policy::FqdnPattern::parse(domain).ok()?;
+                    (!pattern.is_wildcard()).then(|| pattern.name().to_owned())
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The host's /etc/resolv.conf; `consequence` says what its absence means, in the warning.
+fn host_resolv_conf(consequence: &str) -> Option<resolv_conf::Config> {
     match std::fs::read("/etc/resolv.conf") {
         Ok(bytes) => match resolv_conf::Config::parse(&bytes) {
-            Ok(config) => config.nameservers.iter().map(IpAddr::from).collect(),
+            Ok(config) => Some(config),
             Err(e) => {
-                tracing::warn!("/etc/resolv.conf: {e}; no resolvers for fqdn rules");
-                Vec::new()
+                tracing::warn!("/etc/resolv.conf: {e}; {consequence}");
+                None
             }
         },
         Err(e) => {
-            tracing::warn!("reading /etc/resolv.conf: {e}; no resolvers for fqdn rules");
-            Vec::new()
+            tracing::warn!("reading /etc/resolv.conf: {e}; {consequence}");
+            None
         }
     }
 }

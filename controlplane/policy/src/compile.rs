@@ -275,6 +275,20 @@ impl Compiler<'_> {
                 })
             })
             .collect();
+        let search_domains = raw.search_domains.map(|domains| {
+            domains
+                .iter()
+                .filter_map(|domain| {
+                    self.value(domain, |s| match FqdnPattern::parse(s) {
+                        Ok(pattern) if !pattern.is_wildcard() => Ok(pattern.name().to_owned()),
+                        Ok(_) => Err(format!(
+                            "invalid search domain {s:?}: a domain, without a wildcard"
+                        )),
+                        Err(e) => Err(format!("invalid search domain {s:?}: {e}")),
+                    })
+                })
+                .collect()
+        });
         let min_ttl = raw
             .min_ttl
             .and_then(|value| self.duration(value, "min_ttl"))
@@ -304,6 +318,7 @@ impl Compiler<'_> {
         };
         DnsSettings {
             resolvers,
+            search_domains,
             min_ttl,
             max_ips_per_name,
             grace,

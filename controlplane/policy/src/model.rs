@@ -167,6 +167,11 @@ pub struct Defaults {
 pub struct DnsSettings {
     /// Empty (the default) means the resolvers of /etc/resolv.conf.
     pub resolvers: Vec<IpAddr>,
+    /// Domains stub resolvers append to names (the `search` list), lowercase, no trailing
+    /// dot. `None` (the key left out) means the search list of /etc/resolv.conf. Workloads
+    /// with `dns_queries = "allowlisted"` may ask about an allowed name with one of these
+    /// appended, so that resolvers that try `name.search.domain` first still get to `name`.
+    pub search_domains: Option<Vec<String>>,
     /// Shortest time a learned address stays allowed. Default 60 s.
     pub min_ttl: Duration,
     /// Cap on addresses remembered per name. Default 512.
@@ -186,6 +191,7 @@ impl Default for DnsSettings {
     fn default() -> Self {
         DnsSettings {
             resolvers: Vec::new(),
+            search_domains: None,
             min_ttl: Self::DEFAULT_MIN_TTL,
             max_ips_per_name: Self::DEFAULT_MAX_IPS_PER_NAME,
             grace: Self::DEFAULT_GRACE,

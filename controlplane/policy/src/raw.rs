@@ -63,6 +63,7 @@ pub(crate) struct RawControl {
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct RawDns {
     pub resolvers: Vec<Spanned<String>>,
+    pub search_domains: Option<Vec<Spanned<String>>>,
     pub min_ttl: Option<Spanned<RawDuration>>,
     pub max_ips_per_name: Option<Spanned<i64>>,
     pub grace: Option<Spanned<RawDuration>>,

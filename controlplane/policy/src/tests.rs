@@ -113,6 +113,7 @@ fn brief_example_parses_to_the_expected_structure() {
         policy.dns,
         DnsSettings {
             resolvers: vec![ip("127.0.0.53")],
+            search_domains: None,
             min_ttl: Duration::from_secs(60),
             max_ips_per_name: 512,
             grace: Duration::from_secs(10),
@@ -356,6 +357,17 @@ fn dns_durations_accept_seconds_and_humantime() {
     assert_eq!(policy.dns.grace, Duration::ZERO);
     assert_eq!(policy.dns.max_ips_per_name, 65536);
     assert_eq!(policy.dns.resolvers, vec![ip("::1"), ip("10.0.0.2")]);
+    assert_eq!(policy.dns.search_domains, None, "left out: resolv.conf's");
+    let policy = ok("[dns]\nsearch_domains = [\"Corp.Example.\", \"svc.cluster.local\"]\n");
+    assert_eq!(
+        policy.dns.search_domains,
+        Some(vec![
+            "corp.example".to_owned(),
+            "svc.cluster.local".to_owned()
+        ])
+    );
+    let policy = ok("[dns]\nsearch_domains = []\n");
+    assert_eq!(policy.dns.search_domains, Some(Vec::new()), "none at all");
     let policy = ok("[dns]\nmin_ttl = \"1m 30s\"\ngrace = \"1500ms\"\n");
     assert_eq!(policy.dns.min_ttl, Duration::from_secs(90));
     assert_eq!(policy.dns.grace, Duration::from_millis(1500));
@@ -717,6 +729,16 @@ fn invalid_dns_settings_are_reported() {
         "[dns]\nmax_ips_per_name = 65537\n",
         "65537",
         "expected 1 to 65536",
+    );
+    assert_error(
+        "[dns]\nsearch_domains = [\"*.corp.example\"]\n",
+        "\"*.corp.example\"",
+        "without a wildcard",
+    );
+    assert_error(
+        "[dns]\nsearch_domains = [\"corp..example\"]\n",
+        "\"corp..example\"",
+        "empty label",
     );
     assert_error(
         "[dns]\nresolvers = [\"127.0.0.53:53\"]\n",

@@ -312,6 +312,12 @@ pub struct DatapathStatus {
     /// The resolvers whose answers back FQDN rules.
     #[serde(default)]
     pub dns_resolvers: Vec<String>,
+    /// The search domains whose expansions of allowed names `dns_queries = "allowlisted"`
+    /// workloads may ask about, and the questions refused for naming nothing allowed.
+    #[serde(default)]
+    pub dns_search_domains: Vec<String>,
+    #[serde(default)]
+    pub dns_queries_refused: u64,
     /// The bpffs folder holding the pinned programs and maps (enforcement outlives the
     /// daemon), and whether this daemon adopted them from a previous one.
     #[serde(default)]
@@ -505,6 +511,8 @@ pub(crate) mod tests {
                 dns_answers: 0,
                 dns_answer_drops: 0,
                 dns_resolvers: Vec::new(),
+                dns_search_domains: Vec::new(),
+                dns_queries_refused: 0,
                 pin_dir: None,
                 adopted: false,
                 maps: Vec::new(),

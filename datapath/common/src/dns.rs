@@ -35,6 +35,13 @@ pub fn name_hash(name: &[u8]) -> u64 {
 pub const FQDN_EXACT: u32 = 1;
 /// `FqdnValue::flags`: names below it are allowed (`wildcard` rules apply).
 pub const FQDN_WILDCARD: u32 = 1 << 1;
+/// `FqdnValue::flags`: the name may be asked about, though no rule allows its addresses: an
+/// allowed name with a search domain appended (`dns.search_domains`), which stub resolvers
+/// try before the bare name. Lets `dns_queries = "allowlisted"` keep search lists working.
+pub const FQDN_SEARCH_EXACT: u32 = 1 << 2;
+/// `FqdnValue::flags`: names below it may be asked about (a wildcard rule's suffix with a
+/// search domain appended); their answers grant nothing.
+pub const FQDN_SEARCH_WILDCARD: u32 = 1 << 3;
 
 /// Key of the FQDN map: a workload and the hash of a name (or wildcard suffix).
 #[repr(C)]

@@ -133,6 +133,18 @@ fn write_status(out: &mut String, report: &StatusReport) -> std::fmt::Result {
         "dns:          resolvers {resolvers}; answers seen {}, lost {}",
         datapath.dns_answers, datapath.dns_answer_drops
     )?;
+    if !datapath.dns_search_domains.is_empty() || datapath.dns_queries_refused > 0 {
+        let domains = if datapath.dns_search_domains.is_empty() {
+            "none".to_owned()
+        } else {
+            datapath.dns_search_domains.join(", ")
+        };
+        writeln!(
+            out,
+            "dns queries:  search domains {domains}; refused {} (dns_queries = \"allowlisted\")",
+            datapath.dns_queries_refused
+        )?;
+    }
     if datapath.ring_buffer_drops > 0 {
         writeln!(
             out,
@@ -286,6 +298,8 @@ mod tests {
                 dns_answers: 0,
                 dns_answer_drops: 0,
                 dns_resolvers: Vec::new(),
+                dns_search_domains: Vec::new(),
+                dns_queries_refused: 0,
                 pin_dir: None,
                 adopted: false,
                 maps: vec![MapFill {
