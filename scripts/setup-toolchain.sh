@@ -12,6 +12,8 @@ APT_PACKAGES=(
   llvm-22-dev libpolly-22-dev libzstd-dev
   # Tests: namespaces, a real DNS server, packet tools.
   iproute2 dnsmasq-base procps
+  # Tests: DNS clients built against glibc and against musl (their stub resolvers differ).
+  gcc libc6-dev musl-tools
 )
 
 # shellcheck source=scripts/lib.sh

@@ -59,6 +59,8 @@ pub struct DnsmasqBuilder {
     /// `--cname=ALIAS,TARGET`.
     cnames: Vec<(String, String)>,
     local_ttl: Option<u32>,
+    /// `--local=/DOMAIN/`.
+    local_domains: Vec<String>,
     /// `--log-queries` (default on; a flood would write hundreds of megabytes).
     log_queries: bool,
 }
@@ -110,6 +112,14 @@ impl DnsmasqBuilder {
     }
 
     /// `--local-ttl=SECS`: the TTL of every answer (dnsmasq's default is 0).
+    /// Answers for names under `domain` come from this resolver alone: names it does not
+    /// know get NXDOMAIN (instead of REFUSED for want of an upstream), as an authoritative
+    /// server's would.
+    pub fn local_domain(mut self, domain: &str) -> DnsmasqBuilder {
+        self.local_domains.push(domain.to_owned());
+        self
+    }
+
     pub fn local_ttl(mut self, secs: u32) -> DnsmasqBuilder {
         self.local_ttl = Some(secs);
         self
@@ -156,6 +166,9 @@ impl DnsmasqBuilder {
         for (alias, target) in &self.cnames {
             command.arg(format!("--cname={alias},{target}"));
         }
+        for domain in &self.local_domains {
+            command.arg(format!("--local=/{domain}/"));
+        }
         let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -197,6 +210,7 @@ impl Dnsmasq {
             host_records: Vec::new(),
             cnames: Vec::new(),
             local_ttl: None,
+            local_domains: Vec::new(),
             log_queries: true,
         }
     }

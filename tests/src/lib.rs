@@ -30,6 +30,7 @@ mod handoff;
 mod net;
 mod policy;
 mod probe;
+mod stub;
 mod sysctl;
 mod traffic;
 mod users;
@@ -45,6 +46,7 @@ pub use handoff::{connect_fd, receive_fd};
 pub use net::{TcpServer, TcpSink, TcpTarget, UdpTarget, destination};
 pub use policy::{DnsSettings, WorkloadSpec, allow, allow_fqdn, line_of, policy_toml};
 pub use probe::{ProbeResult, RunningProbe, run_probe, run_probe_in, spawn_probe_in};
+pub use stub::{Libc, Lookup, resolve_in, stub_client};
 pub use sysctl::{PING_GROUP_RANGE, SysctlGuard, allow_ping_sockets};
 pub use traffic::{
     ConnectCounts, StatusSample, StatusSampler, StopFile, connect_counts, latency_summary,

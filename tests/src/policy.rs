@@ -13,6 +13,8 @@ pub struct WorkloadSpec {
     /// `None`: the workload follows the top-level mode.
     pub mode: Option<String>,
     pub raw_sockets: bool,
+    /// `dns_queries` (`None`: left out, egressd's default "any").
+    pub dns_queries: Option<String>,
     /// Inline tables from [`allow`].
     pub allow: Vec<String>,
 }
@@ -26,8 +28,15 @@ impl WorkloadSpec {
             cgroup: cgroup.relative_path().to_owned(),
             mode: None,
             raw_sockets: false,
+            dns_queries: None,
             allow: Vec::new(),
         }
+    }
+
+    /// `dns_queries = "any"` or `"allowlisted"`.
+    pub fn dns_queries(mut self, value: &str) -> WorkloadSpec {
+        self.dns_queries = Some(value.to_owned());
+        self
     }
 
     pub fn mode(mut self, mode: &str) -> WorkloadSpec {
@@ -78,6 +87,8 @@ pub struct DnsSettings {
     pub min_ttl: Option<String>,
     pub grace: Option<String>,
     pub max_ips_per_name: Option<u32>,
+    /// `search_domains` (`None`: left out, the host's resolv.conf search list).
+    pub search_domains: Option<Vec<String>>,
 }
 
 impl DnsSettings {
@@ -95,6 +106,11 @@ impl DnsSettings {
         self
     }
 
+    pub fn search_domains(mut self, domains: &[&str]) -> DnsSettings {
+        self.search_domains = Some(domains.iter().map(|d| (*d).to_owned()).collect());
+        self
+    }
+
     pub fn toml(&self) -> String {
         let resolvers: Vec<String> = self.resolvers.iter().map(|r| format!("{r:?}")).collect();
         let mut text = format!("\n[dns]\nresolvers = [{}]\n", resolvers.join(", "));
@@ -106,6 +122,10 @@ impl DnsSettings {
         }
         if let Some(max) = self.max_ips_per_name {
             let _ = writeln!(text, "max_ips_per_name = {max}");
+        }
+        if let Some(domains) = &self.search_domains {
+            let domains: Vec<String> = domains.iter().map(|d| format!("{d:?}")).collect();
+            let _ = writeln!(text, "search_domains = [{}]", domains.join(", "));
         }
         text
     }
@@ -127,6 +147,9 @@ pub fn policy_toml(mode: &str, deny: &[&str], workloads: &[WorkloadSpec]) -> Str
             let _ = writeln!(text, "mode = {mode:?}");
         }
         let _ = writeln!(text, "raw_sockets = {}", workload.raw_sockets);
+        if let Some(dns_queries) = &workload.dns_queries {
+            let _ = writeln!(text, "dns_queries = {dns_queries:?}");
+        }
         text.push_str("allow = [\n");
         for rule in &workload.allow {
             let _ = writeln!(text, "  {rule},");
