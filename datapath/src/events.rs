@@ -338,6 +338,11 @@ pub struct DnsAnswer {
     /// "allowlisted"`), refused (`Deny`) or reported (`WouldDeny`, audit mode). The payload
     /// is the query; `server` is the resolver it was for.
     pub refused_query: Option<Verdict>,
+    /// For a refused query: the process and thread that created the socket, and its name
+    /// (0 and empty for answers).
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
 }
 
 pub(crate) fn decode_dns(bytes: &[u8], clock: &Clock) -> Result<DnsAnswer, DatapathError> {
@@ -372,6 +377,9 @@ pub(crate) fn decode_dns(bytes: &[u8], clock: &Clock) -> Result<DnsAnswer, Datap
         } else {
             None
         },
+        pid: answer.tgid,
+        tid: answer.tid,
+        comm: comm_string(&answer.comm),
     })
 }
 

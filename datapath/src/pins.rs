@@ -274,14 +274,17 @@ mod tests {
             event::COUNTERS_LEN as usize,
             event::RING_BUFFER_BYTES as usize,
             event::DNS_RING_BUFFER_BYTES as usize,
+            // Records of the pinned ring buffers, which a new daemon reads on adoption.
+            size_of::<event::Event>(),
+            size_of::<event::DnsAnswer>(),
         ];
         assert_eq!(
             (LAYOUT_VERSION, layout),
             (
-                2,
+                3,
                 [
                     20, 104, 16, 8, 16, 72, 24, 120, 16, 208, 264, 262144, 4096, 4096, 65536,
-                    65536, 65536, 131072, 16, 4194304, 4194304
+                    65536, 65536, 131072, 16, 4194304, 4194304, 104, 2144
                 ]
             ),
             "bump LAYOUT_VERSION, then record the new layout here"

@@ -90,6 +90,22 @@ static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 pub static DNS_QUERY_PROGRAM: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
+/// Who created a socket: named in the event of a refused query (zero for answers).
+#[derive(Clone, Copy)]
+pub struct Creator {
+    pub tgid: u32,
+    pub tid: u32,
+    pub comm: [u8; 16],
+}
+
+impl Creator {
+    pub const NONE: Creator = Creator {
+        tgid: 0,
+        tid: 0,
+        comm: [0; 16],
+    };
+}
+
 /// What egress does with a DNS query of a workload.
 pub enum QueryCheck {
     /// `dns_queries = "any"`, or learning mode: remember it for its answer.
@@ -352,6 +368,7 @@ pub fn check_query(
     sk: *mut c_void,
     workload: u32,
     strict: bool,
+    creator: &Creator,
 ) -> bool {
     // Every destination on port 53, not only the resolvers: a name server the allowlist lets
     // the workload reach directly is as good a channel as a resolver.
@@ -385,7 +402,7 @@ pub fn check_query(
         } else {
             DNS_QUERY_WOULD_REFUSE
         };
-        forward(ctx, parsed, offset, workload, flags, 0);
+        forward(ctx, parsed, offset, workload, flags, 0, creator);
         if strict {
             count(COUNTER_DNS_QUERIES_REFUSED);
             return true;
@@ -589,7 +606,15 @@ pub fn handle_answer(ctx: &SkBuffContext, parsed: &Parsed, sk: *mut c_void, work
     if parsed.flow.protocol == IPPROTO_TCP {
         flags |= DNS_ANSWER_TCP;
     }
-    forward(ctx, parsed, offset, workload, flags, inserted);
+    forward(
+        ctx,
+        parsed,
+        offset,
+        workload,
+        flags,
+        inserted,
+        &Creator::NONE,
+    );
 }
 
 /// Hands the answer to the daemon, which parses it fully and owns expiry.
@@ -601,6 +626,7 @@ fn forward(
     workload: u32,
     flags: u16,
     inserted: u32,
+    creator: &Creator,
 ) {
     let message_len = (ctx.len() as usize).saturating_sub(offset);
     let copy_len = if message_len > DNS_PAYLOAD_MAX {
@@ -664,6 +690,9 @@ fn forward(
         (*answer).protocol = parsed.flow.protocol;
         (*answer).flags = flags;
         (*answer).inserted = inserted;
+        (*answer).tgid = creator.tgid;
+        (*answer).tid = creator.tid;
+        (*answer).comm = creator.comm;
     }
     entry.submit(0);
     count(COUNTER_DNS_ANSWERS);

@@ -510,16 +510,27 @@ pub fn dns_query(ctx: SkBuffContext) -> i32 {
         unsafe { bpf_skb_ancestor_cgroup_id(skb, level) }
     };
     // SAFETY: full is a full socket, which cgroup_skb may pass to bpf_sk_storage_get.
-    let workload = match unsafe { socket_state(full.cast::<c_void>()) } {
-        Some(state) => socket_workload(state, &settings, ancestor),
-        None => verdict::workload_of(ancestor, &settings),
+    let (workload, creator) = match unsafe { socket_state(full.cast::<c_void>()) } {
+        Some(state) => {
+            let creator = dns::Creator {
+                tgid: state.creator_tgid,
+                tid: state.creator_tid,
+                comm: state.creator_comm,
+            };
+            (socket_workload(state, &settings, ancestor), creator)
+        }
+        None => (
+            verdict::workload_of(ancestor, &settings),
+            dns::Creator::NONE,
+        ),
     };
     let Some(config) = workload_config(workload) else {
         dns::record_query(&ctx, &parsed, full.cast::<c_void>());
         return ALLOW;
     };
     let strict = config.mode == MODE_STRICT;
-    if dns::check_query(&ctx, &parsed, full.cast::<c_void>(), workload, strict) {
+    let sk = full.cast::<c_void>();
+    if dns::check_query(&ctx, &parsed, sk, workload, strict, &creator) {
         REFUSE
     } else {
         ALLOW

@@ -63,6 +63,11 @@ fn privileged_strict_refuses_questions_about_names_off_the_allowlist() {
         event["kind"] == "denied" && event["dns_name"] == reported.as_str()
     });
     assert_eq!(event["reason"], "dns_query", "{event}");
+    assert_eq!(
+        event["comm"], "egressd-probe",
+        "the process that asked: {event}"
+    );
+    assert!(event["pid"].as_u64() > Some(0), "{event}");
     assert_eq!(event["workload"], PROBE, "{event}");
     assert_eq!(event["destination"], format!("{RESOLVER}:53"), "{event}");
     let logs = dnsmasq.logs();

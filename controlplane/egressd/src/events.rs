@@ -83,9 +83,9 @@ pub fn refused_query(
         },
         workload,
         cgroup_id: query.cgroup_id,
-        pid: 0,
-        tid: 0,
-        comm: String::new(),
+        pid: query.pid,
+        tid: query.tid,
+        comm: query.comm.clone(),
         protocol: if query.tcp { "tcp" } else { "udp" }.to_owned(),
         source: endpoint(Some(query.client.ip()), Some(query.client.port())),
         destination: endpoint(Some(query.server.ip()), Some(query.server.port()))

@@ -122,9 +122,14 @@ pub struct DnsAnswer {
     pub flags: u16,
     /// Addresses the kernel inserted from this answer.
     pub inserted: u32,
+    /// For a refused query: the process (and thread) that created the socket, and its name.
+    /// Zero for answers.
+    pub tgid: u32,
+    pub tid: u32,
+    pub comm: [u8; 16],
     pub payload: [u8; DNS_PAYLOAD_MAX],
 }
-const _: () = assert!(core::mem::size_of::<DnsAnswer>() == 72 + DNS_PAYLOAD_MAX);
+const _: () = assert!(core::mem::size_of::<DnsAnswer>() == 96 + DNS_PAYLOAD_MAX);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -29,4 +29,4 @@ pub const fn v4_mapped(octets: [u8; 4]) -> Addr {
 
 /// Bumped whenever a map layout or a numeric code changes meaning; recorded by userspace so
 /// that pinned state from another layout is never misread.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
