@@ -482,8 +482,6 @@ fn egress_without_state(ctx: &SkBuffContext, flow: &Flow) -> i32 {
     }
 }
 
-// ---- ingress: DNS answers to workloads become allowed addresses (FQDN rules) ----
-
 // ---- dns_query: questions of `dns_queries = "allowlisted"` workloads (tail call from egress) ----
 
 /// Reached only by tail call from `egress`, for a packet to port 53 that the allowlist allows,
