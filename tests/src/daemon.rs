@@ -142,6 +142,37 @@ fn lock_file() -> File {
     }
 }
 
+/// Name prefix of the test daemons' bpffs folders: `egressd-test-<pid>-<unique>`.
+const PIN_PREFIX: &str = "egressd-test-";
+
+/// Removes the pins (and so ends the enforcement) of test daemons whose test process no
+/// longer runs: a run killed before its guards ran leaves its programs attached at the cgroup
+/// root. Folders without a pid in their name predate that naming and are stale too.
+fn sweep_stale_pins() {
+    let Ok(entries) = fs::read_dir(PIN_ROOT) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|name| name.strip_prefix(PIN_PREFIX)) else {
+            continue;
+        };
+        let owner = rest
+            .split_once('-')
+            .and_then(|(pid, _)| pid.parse::<u32>().ok());
+        let alive = owner.is_some_and(|pid| {
+            pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists()
+        });
+        if !alive {
+            let path = entry.path();
+            match fs::remove_dir_all(&path) {
+                Ok(()) => eprintln!("egressd-tests: removed stale pins {}", path.display()),
+                Err(err) => eprintln!("egressd-tests: stale pins {}: {err}", path.display()),
+            }
+        }
+    }
+}
+
 /// A running egressd with its own policy file, state dir and control socket
 /// in a temporary directory. Its stdout and stderr go to files there; they are
 /// printed when the test fails. Dropping it stops the daemon (SIGTERM, then
@@ -196,11 +227,18 @@ impl Daemon {
         let stderr_log = dir.path().join("egressd.stderr");
         fs::write(&policy, policy_toml).expect("write policy.toml");
         fs::create_dir(&state_dir).expect("create the state dir");
-        let pin_dir = PathBuf::from(PIN_ROOT).join(
-            dir.path()
-                .file_name()
-                .expect("a temporary directory has a name"),
-        );
+        sweep_stale_pins();
+        // `egressd-test-<pid>-<unique>`: the pid lets a later run find pins that a killed
+        // run left enforcing.
+        let unique = dir
+            .path()
+            .file_name()
+            .and_then(|name| name.to_str())
+            .and_then(|name| name.strip_prefix(PIN_PREFIX))
+            .expect("a temporary directory has the name given")
+            .to_owned();
+        let pin_dir =
+            PathBuf::from(PIN_ROOT).join(format!("{PIN_PREFIX}{}-{unique}", std::process::id()));
         let mut daemon = Daemon {
             child: None,
             dir,
