@@ -3,6 +3,7 @@
 
 mod access;
 mod cgroups;
+mod clients;
 mod control;
 mod engine;
 mod events;
