@@ -61,6 +61,7 @@ pub fn record(event: &Event, workload: Option<String>, dns_name: Option<String>)
         hook: event.hook.as_str().to_owned(),
         mode: event.mode,
         dns_name,
+        suppressed: 0,
     }
 }
 

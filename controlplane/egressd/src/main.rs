@@ -8,6 +8,7 @@ mod control;
 mod engine;
 mod events;
 mod ids;
+mod limits;
 mod metrics;
 mod modes;
 mod recorder;
@@ -104,8 +105,19 @@ async fn run(args: Args, json: bool) -> anyhow::Result<()> {
     let access = access::Access::new(&args.socket, socket_group);
     access.set_read_group(read_group);
 
-    let mut datapath = egressd_datapath::Datapath::load(&cgroup_root, Some(&args.pin_dir))
-        .with_context(|| format!("loading the eBPF datapath at {}", cgroup_root.display()))?;
+    let mut capacities = egressd_datapath::MapCapacities::default();
+    for spec in &args.test_map_capacity {
+        capacities.lower_from_spec(spec)?;
+    }
+    if !capacities.is_empty() {
+        tracing::warn!(
+            capacities = ?args.test_map_capacity,
+            "--test-map-capacity: maps created smaller than usual (for tests)"
+        );
+    }
+    let mut datapath =
+        egressd_datapath::Datapath::load_with(&cgroup_root, Some(&args.pin_dir), &capacities)
+            .with_context(|| format!("loading the eBPF datapath at {}", cgroup_root.display()))?;
     let events = datapath.take_events()?;
     let dns_answers = datapath.take_dns_answers()?;
     if let Some(kernel_log) = datapath.take_kernel_log() {

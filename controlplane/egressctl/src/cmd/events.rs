@@ -108,6 +108,7 @@ mod tests {
             hook: "connect4".into(),
             mode: Mode::Strict,
             dns_name: None,
+            suppressed: 0,
         }
     }
 
