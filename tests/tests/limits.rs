@@ -1,7 +1,8 @@
 //! Limits are visible, and never fail open by accident: a policy that does not fit in the
 //! kernel's maps is refused with the map, its capacity and the count, and the policy in
 //! force stays; learned addresses that do not fit are refused under `[limits] on_full =
-//! "deny"` and let through as audit under `"allow"`; cgroups that do not fit are reported.
+//! "deny"` and let through as audit under `"allow"`; cgroups that do not fit are reported;
+//! a deny flood is rate limited in the event stream with every refusal still counted.
 //!
 //! The maps are made small with egressd's `--test-map-capacity MAP=N` so that filling
 //! them takes a handful of entries; the kernel, its maps and its refusals are real.
@@ -10,11 +11,12 @@
 
 use std::io::{Read as _, Write as _};
 use std::net::{TcpListener, TcpStream};
-use std::time::Duration;
+use std::thread;
+use std::time::{Duration, Instant};
 
 use egressd_tests::{
-    Daemon, DnsSettings, Dnsmasq, TcpServer, TestCgroup, WorkloadSpec, allow, allow_fqdn,
-    policy_toml, run_probe_in,
+    Daemon, DnsSettings, Dnsmasq, StopFile, TcpServer, TestCgroup, WorkloadSpec, allow, allow_fqdn,
+    connect_counts, policy_toml, run_probe_in, spawn_connect_loop,
 };
 use serde_json::Value;
 
@@ -435,5 +437,130 @@ fn privileged_on_full_allow_runs_the_workload_as_audit_while_its_addresses_do_no
         daemon
             .logs()
             .contains("workload probe is enforced as strict again")
+    );
+}
+
+#[test]
+fn privileged_a_deny_flood_is_rate_limited_in_events_and_every_refusal_counted() {
+    let cgroup = TestCgroup::new();
+    let daemon = Daemon::start(&policy_toml(
+        "strict",
+        &[],
+        &[WorkloadSpec::new(PROBE, &cgroup)],
+    ));
+    let stop = StopFile::new();
+    let targets = [
+        ("127.0.0.7".to_owned(), 4701),
+        ("127.0.0.8".to_owned(), 4702),
+    ];
+    let started = Instant::now();
+    let probe = spawn_connect_loop(&cgroup, &stop, 30, &targets);
+    thread::sleep(Duration::from_secs(3));
+    stop.stop();
+    let result = probe.wait(Duration::from_secs(30));
+    let elapsed = started.elapsed();
+    let counts = connect_counts(&result);
+    for count in &counts {
+        assert_eq!(
+            count.eperm, count.attempts,
+            "every attempt refused: {count}"
+        );
+        assert!(count.attempts >= 100, "a flood: {count}");
+    }
+
+    // Each destination's refusals: a handful of records, the rest counted in them. The last
+    // ones held back are reported once the destination may report again (within a second).
+    let deadline = Instant::now() + NOTICE_TIMEOUT;
+    let (records, represented) = loop {
+        let events = daemon.events(10_000);
+        let per_target: Vec<(usize, u64)> = counts
+            .iter()
+            .map(|count| {
+                let records: Vec<&Value> = events
+                    .iter()
+                    .filter(|e| e["kind"] == "denied" && e["destination"] == count.address)
+                    .collect();
+                let represented = records
+                    .iter()
+                    .map(|e| 1 + e["suppressed"].as_u64().unwrap_or(0))
+                    .sum();
+                (records.len(), represented)
+            })
+            .collect();
+        let drops = daemon.status()["datapath"]["ring_buffer_drops"]
+            .as_u64()
+            .unwrap_or(0);
+        let total: u64 = per_target.iter().map(|&(_, n)| n).sum();
+        let attempts: u64 = counts.iter().map(|c| c.attempts).sum();
+        if total + drops >= attempts || Instant::now() >= deadline {
+            assert!(
+                total <= attempts && total + drops >= attempts,
+                "records stand for {total} refusals of {attempts} ({drops} lost in the ring \
+                 buffer): {per_target:?}"
+            );
+            break (
+                per_target.iter().map(|&(n, _)| n).collect::<Vec<_>>(),
+                total,
+            );
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    let bound = 5 + elapsed.as_secs() as usize + 3;
+    for (count, records) in counts.iter().zip(&records) {
+        assert!(
+            *records <= bound,
+            "{}: {records} records for {} refusals, at most {bound}",
+            count.address,
+            count.attempts
+        );
+    }
+    let status = daemon.status();
+    let events = &status["events"];
+    assert_eq!(
+        events["published"].as_u64().unwrap_or(0) + events["suppressed"].as_u64().unwrap_or(0),
+        represented,
+        "status accounts for every refusal reported or held back: {events}"
+    );
+    assert!(
+        events["suppressed"].as_u64().is_some_and(|n| n > 0),
+        "{events}"
+    );
+    let denied_lines = daemon
+        .logs()
+        .lines()
+        .filter(|line| line.contains("\"type\":\"event\"") && line.contains("\"kind\":\"denied\""))
+        .count();
+    assert!(
+        denied_lines <= records.iter().sum::<usize>(),
+        "the log holds no more than the event stream: {denied_lines}"
+    );
+    let human = daemon.ctl_ok(&["status"]);
+    assert!(
+        human.contains("more held back by the rate limit"),
+        "{human}"
+    );
+    // The kernel's summaries still count every refusal.
+    let observed = daemon.ctl_ok(&["observed", "--workload", PROBE, "--json"]);
+    let observed: Vec<Value> = serde_json::from_str(&observed).expect("observed --json");
+    for count in &counts {
+        let (address, port) = count.address.rsplit_once(':').expect("ip:port");
+        let summary = observed
+            .iter()
+            .find(|o| {
+                o["key"]["address"] == address
+                    && o["key"]["port"].as_u64() == port.parse::<u64>().ok()
+            })
+            .unwrap_or_else(|| panic!("{} observed: {observed:?}", count.address));
+        assert_eq!(
+            summary["denied"].as_u64(),
+            Some(count.attempts),
+            "{}: {summary}",
+            count.address
+        );
+    }
+    eprintln!(
+        "deny flood: {} refusals in {elapsed:?} became {records:?} event records (at most {bound} \
+         each); status: {events}",
+        counts.iter().map(|c| c.attempts).sum::<u64>()
     );
 }

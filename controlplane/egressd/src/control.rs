@@ -290,6 +290,7 @@ async fn handle(
             Request::Status => {
                 let mut report = lock(shared)?.status();
                 report.observe = shared.recorder.status();
+                report.events = Some(shared.events.limit_status());
                 send(&mut writer, &Response::Status(Box::new(report))).await?;
             }
             Request::Flush => {

@@ -11,6 +11,7 @@ mod ids;
 mod limits;
 mod metrics;
 mod modes;
+mod ratelimit;
 mod recorder;
 
 use std::io::IsTerminal as _;
@@ -330,7 +331,6 @@ async fn kernel_records(
         if expire {
             engine.expire_addresses();
         }
-        let mut sightings = Vec::new();
         let records: Vec<_> = event_batch
             .iter()
             .map(|event| {
@@ -338,21 +338,30 @@ async fn kernel_records(
                     .destination
                     .and_then(|addr| engine.dns_name_for(event.workload, addr));
                 let workload = engine.workload_name(event.workload);
-                if let (Some(name), Some(address)) = (&workload, event.destination) {
-                    sightings.push(sighting(event, name, address, dns_name.clone()));
-                }
-                events::record(event, workload, dns_name)
+                let sighting = match (&workload, event.destination) {
+                    (Some(name), Some(address)) => {
+                        Some(sighting(event, name, address, dns_name.clone()))
+                    }
+                    _ => None,
+                };
+                (events::record(event, workload, dns_name), sighting)
             })
             .collect();
         drop(engine);
         for question in questions {
             shared.recorder.question(question);
         }
-        for sighting in sightings {
-            shared.recorder.sighting(sighting);
+        for (record, sighting) in records {
+            // A refusal the rate limit holds back is not recorded either: the first of its
+            // destination was, and the kernel's summary counts every one.
+            if shared.events.offer(record)
+                && let Some(sighting) = sighting
+            {
+                shared.recorder.sighting(sighting);
+            }
         }
-        for record in records {
-            shared.events.publish(record);
+        if expire {
+            shared.events.flush_held();
         }
     }
 }

@@ -371,10 +371,11 @@ pub async fn serve(listen: SocketAddr, shared: Arc<Shared>) {
         axum::routing::get(move || {
             let shared = shared.clone();
             async move {
-                let snapshot = match shared.engine.lock() {
+                let mut snapshot = match shared.engine.lock() {
                     Ok(engine) => engine.metrics_snapshot(),
                     Err(_) => Snapshot::default(),
                 };
+                snapshot.events = shared.events.limit_status();
                 match render(snapshot) {
                     Ok(text) => (
                         axum::http::StatusCode::OK,
