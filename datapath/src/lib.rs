@@ -177,6 +177,20 @@ pub enum DatapathError {
     Capacity { map: String, problem: String },
 }
 
+impl DatapathError {
+    /// Whether `apply` failed before writing anything (the policy did not fit or did not
+    /// compile), so that the maps still hold the policy in force.
+    pub fn wrote_nothing(&self) -> bool {
+        matches!(
+            self,
+            DatapathError::PolicyTooLarge { .. }
+                | DatapathError::SwitchTooLarge { .. }
+                | DatapathError::TooManyPortRules { .. }
+                | DatapathError::WorkloadIdOutOfRange { .. }
+        )
+    }
+}
+
 pub(crate) fn map_err(
     name: &'static str,
     action: &'static str,

@@ -641,12 +641,21 @@ impl Engine {
         let result = loaded.map_err(|e| error_chain(&e)).and_then(|policy| {
             if let Err(e) = self.install(&policy) {
                 // A map write that failed half way left some of the new policy's entries
-                // in: put the one in force back.
-                let previous = self.policy.clone();
-                if let Err(restore) = self.install(&previous) {
-                    tracing::error!(
-                        "restoring the policy in force after a failed reload: {restore:#}"
-                    );
+                // in: put the one in force back. (Refusals before any write need nothing.)
+                let wrote = e
+                    .downcast_ref::<DatapathError>()
+                    .is_some_and(|e| !e.wrote_nothing());
+                if wrote {
+                    let previous = self.policy.clone();
+                    match self.install(&previous) {
+                        Ok(()) => tracing::warn!(
+                            "the reload failed while writing the maps; the policy in force is \
+                             restored"
+                        ),
+                        Err(restore) => tracing::error!(
+                            "restoring the policy in force after a failed reload: {restore:#}"
+                        ),
+                    }
                 }
                 return Err(format!("{e:#}"));
             }
