@@ -378,7 +378,11 @@ impl Engine {
     }
 
     /// Writes the mode of every workload whose kernel mode `[limits] on_full` changed.
+    /// Called after every DNS answer: returns at once while nothing is missing.
     fn sync_limit_modes(&mut self) {
+        if self.limits.is_quiet() {
+            return;
+        }
         let workloads = Self::effective_workloads(&self.policy);
         let mut passed = BTreeSet::new();
         let mut modes = BTreeMap::new();

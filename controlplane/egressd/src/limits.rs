@@ -126,6 +126,11 @@ impl Limits {
         changed
     }
 
+    /// Nothing is missing and no workload is let through: `on_full` has nothing to do.
+    pub fn is_quiet(&self) -> bool {
+        self.unstored.is_empty() && self.passed.is_empty()
+    }
+
     pub fn is_passed(&self, workload: u32) -> bool {
         self.passed.contains(&workload)
     }
