@@ -2,6 +2,7 @@
 //! every map. Callers speak in domain terms (workloads, CIDR rules, modes); map layouts stay
 //! here and in `egressd-common`.
 
+mod capacity;
 mod events;
 mod flows;
 mod kernel;
@@ -23,7 +24,7 @@ use aya::{
 };
 use egressd_common::dns::{
     FQDN_EXACT, FQDN_SEARCH_EXACT, FQDN_SEARCH_WILDCARD, FQDN_WILDCARD, FqdnKey, FqdnValue,
-    MAX_FQDN_ADDRESSES, MAX_FQDN_ENTRIES, name_hash,
+    name_hash,
 };
 use egressd_common::policy as policy_limits;
 use egressd_common::policy::{ALLOW_FLAG_DYNAMIC, MAX_PORT_RULES, PortRule};
@@ -38,6 +39,7 @@ use egressd_common::{
 use egressd_policy::{Mode, PortRange, Protocol};
 use ipnet::IpNet;
 
+pub use capacity::MapCapacities;
 pub use events::{
     DnsAnswer, DnsAnswerStream, Event, EventKind, EventStream, Hook, Reason, Verdict,
 };
@@ -152,15 +154,45 @@ pub enum DatapathError {
     #[error("the pinned maps record layout version {found}, this egressd uses {expected}")]
     PinnedLayout { found: u32, expected: u32 },
     #[error(
-        "switching to the new policy needs {needed} entries in the {map} map at once (the old \
-         and the new policy's, both in force while it switches), and it holds {capacity}: \
-         reload in two steps, removing rules first"
+        "switching to the new policy needs {needed} entries in the kernel's {map} map at once \
+         (the old and the new policy's, both in force while it switches), and it holds \
+         {capacity}: reload in two steps, removing rules first"
     )]
     SwitchTooLarge {
         map: &'static str,
         needed: usize,
         capacity: u32,
     },
+    /// The policy alone does not fit: nothing was written.
+    #[error(
+        "the policy needs {needed} entries in the kernel's {map} map, which holds {capacity}{detail}"
+    )]
+    PolicyTooLarge {
+        map: &'static str,
+        needed: usize,
+        capacity: u32,
+        /// Who needs the most, when it is one workload's doing (`; most of them ...`).
+        detail: String,
+    },
+    /// A map that fills at run time (learned addresses, cgroups) has no room for an entry.
+    #[error("the kernel's {map} map is full ({capacity} entries)")]
+    MapFull { map: &'static str, capacity: u32 },
+    #[error("map capacity for {map}: {problem}")]
+    Capacity { map: String, problem: String },
+}
+
+impl DatapathError {
+    /// Whether `apply` failed before writing anything (the policy did not fit or did not
+    /// compile), so that the maps still hold the policy in force.
+    pub fn wrote_nothing(&self) -> bool {
+        matches!(
+            self,
+            DatapathError::PolicyTooLarge { .. }
+                | DatapathError::SwitchTooLarge { .. }
+                | DatapathError::TooManyPortRules { .. }
+                | DatapathError::WorkloadIdOutOfRange { .. }
+        )
+    }
 }
 
 pub(crate) fn map_err(
@@ -338,6 +370,8 @@ pub struct Datapath {
     /// daemon has not read yet).
     installed_fqdn_addresses: BTreeSet<(u32, [u8; 16])>,
     settings: Settings,
+    /// What each map that can fill holds at most, as the kernel says.
+    capacity: capacity::Capacities,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -359,6 +393,17 @@ impl Datapath {
     /// maps (and the policy in them) and attaches its programs beside the previous ones,
     /// which [`Datapath::retire_previous`] detaches once the new policy is applied.
     pub fn load(cgroup_root: &Path, pin_dir: Option<&Path>) -> Result<Self, DatapathError> {
+        Self::load_with(cgroup_root, pin_dir, &MapCapacities::default())
+    }
+
+    /// [`Datapath::load`] with some maps created smaller than the eBPF object declares (for
+    /// tests that fill them). Maps adopted from pins keep the size they were created with;
+    /// every check and report uses the size the kernel gives.
+    pub fn load_with(
+        cgroup_root: &Path,
+        pin_dir: Option<&Path>,
+        capacities: &MapCapacities,
+    ) -> Result<Self, DatapathError> {
         raise_memlock_limit();
         // Before any pin or map exists: an unsuitable kernel changes nothing on the host.
         let missing = kernel::missing_features();
@@ -385,6 +430,7 @@ impl Datapath {
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }
+        capacities.apply(&mut loader);
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
@@ -397,29 +443,43 @@ impl Datapath {
         }
 
         let mut maps = MapSet { ebpf: &mut ebpf };
-        let workload_cgroups = HashMap::try_from(maps.take("WORKLOAD_CGROUPS")?)
-            .map_err(map_err("WORKLOAD_CGROUPS", "opening"))?;
+        let declared = capacity::Capacities::default();
+        let mut capacity = declared;
+        let map = maps.take("WORKLOAD_CGROUPS")?;
+        capacity.workload_cgroups = capacity::of(&map, declared.workload_cgroups);
+        let workload_cgroups =
+            HashMap::try_from(map).map_err(map_err("WORKLOAD_CGROUPS", "opening"))?;
         let workloads =
             Array::try_from(maps.take("WORKLOADS")?).map_err(map_err("WORKLOADS", "opening"))?;
         let mut settings_map =
             Array::try_from(maps.take("SETTINGS")?).map_err(map_err("SETTINGS", "opening"))?;
-        let allow = LpmTrie::try_from(maps.take("ALLOW")?).map_err(map_err("ALLOW", "opening"))?;
-        let deny = LpmTrie::try_from(maps.take("DENY")?).map_err(map_err("DENY", "opening"))?;
+        let map = maps.take("ALLOW")?;
+        capacity.allow = capacity::of(&map, declared.allow);
+        let allow = LpmTrie::try_from(map).map_err(map_err("ALLOW", "opening"))?;
+        let map = maps.take("DENY")?;
+        capacity.deny = capacity::of(&map, declared.deny);
+        let deny = LpmTrie::try_from(map).map_err(map_err("DENY", "opening"))?;
         let counters = PerCpuArray::try_from(maps.take("COUNTERS")?)
             .map_err(map_err("COUNTERS", "opening"))?;
-        let fqdn = HashMap::try_from(maps.take("FQDN")?).map_err(map_err("FQDN", "opening"))?;
-        let fqdn_addresses = HashMap::try_from(maps.take("FQDN_ADDRESSES")?)
-            .map_err(map_err("FQDN_ADDRESSES", "opening"))?;
-        let resolvers =
-            HashMap::try_from(maps.take("RESOLVERS")?).map_err(map_err("RESOLVERS", "opening"))?;
+        let map = maps.take("FQDN")?;
+        capacity.fqdn = capacity::of(&map, declared.fqdn);
+        let fqdn = HashMap::try_from(map).map_err(map_err("FQDN", "opening"))?;
+        let map = maps.take("FQDN_ADDRESSES")?;
+        capacity.fqdn_addresses = capacity::of(&map, declared.fqdn_addresses);
+        let fqdn_addresses =
+            HashMap::try_from(map).map_err(map_err("FQDN_ADDRESSES", "opening"))?;
+        let map = maps.take("RESOLVERS")?;
+        capacity.resolvers = capacity::of(&map, declared.resolvers);
+        let resolvers = HashMap::try_from(map).map_err(map_err("RESOLVERS", "opening"))?;
         let decision_counters = PerCpuArray::try_from(maps.take("DECISION_COUNTERS")?)
             .map_err(map_err("DECISION_COUNTERS", "opening"))?;
         let events =
             RingBuf::try_from(maps.take("EVENTS")?).map_err(map_err("EVENTS", "opening"))?;
         let dns_answers = RingBuf::try_from(maps.take("DNS_ANSWERS")?)
             .map_err(map_err("DNS_ANSWERS", "opening"))?;
-        let flow_map =
-            HashMap::try_from(maps.take("FLOWS")?).map_err(map_err("FLOWS", "opening"))?;
+        let map = maps.take("FLOWS")?;
+        capacity.flows = capacity::of(&map, declared.flows);
+        let flow_map = HashMap::try_from(map).map_err(map_err("FLOWS", "opening"))?;
 
         let settings = if adopted {
             let pinned: Settings = settings_map
@@ -493,6 +553,7 @@ impl Datapath {
             installed_resolvers: BTreeSet::new(),
             installed_fqdn_addresses: BTreeSet::new(),
             settings,
+            capacity,
         };
         if adopted {
             datapath.read_back_maps()?;
@@ -692,38 +753,14 @@ impl Datapath {
             .map(|ip| rules::to_prefix(&IpNet::from(*ip)).0)
             .collect();
 
-        // While switching, the maps hold the entries of both policies.
-        let union_sizes = [
-            (
-                "ALLOW",
-                union_len(&self.installed_allow, &desired_allow),
-                policy_limits::MAX_ALLOW_ENTRIES,
-            ),
-            (
-                "DENY",
-                self.installed_deny.union(&desired_deny).count(),
-                policy_limits::MAX_DENY_ENTRIES,
-            ),
-            (
-                "FQDN",
-                union_len(&self.installed_fqdn, &desired_fqdn),
-                MAX_FQDN_ENTRIES,
-            ),
-            (
-                "WORKLOAD_CGROUPS",
-                union_len(&self.installed_cgroups, &desired_cgroups),
-                policy_limits::MAX_WORKLOAD_CGROUPS,
-            ),
-        ];
-        for (map, needed, capacity) in union_sizes {
-            if needed > capacity as usize {
-                return Err(DatapathError::SwitchTooLarge {
-                    map,
-                    needed,
-                    capacity,
-                });
-            }
-        }
+        self.check_fits(
+            policy,
+            &desired_allow,
+            &desired_deny,
+            &desired_fqdn,
+            &desired_cgroups,
+            &desired_resolvers,
+        )?;
 
         let mut stats = ApplyStats {
             allow_entries: desired_allow.len(),
@@ -776,7 +813,13 @@ impl Datapath {
                 self.installed_resolvers.insert(*addr);
             }
         }
-        self.sync_cgroup_map(&desired_cgroups)?;
+        // check_fits made sure every desired cgroup has room once the stale ones are gone.
+        if !self.sync_cgroup_map(&desired_cgroups)?.is_empty() {
+            return Err(DatapathError::MapFull {
+                map: "workload_cgroups",
+                capacity: self.capacity.workload_cgroups,
+            });
+        }
 
         let stale_allow: Vec<(u32, Prefix)> = self
             .installed_allow
@@ -843,16 +886,128 @@ impl Datapath {
         Ok(stats)
     }
 
+    /// Refuses, before anything is written, a policy that does not fit in the maps: alone
+    /// ([`DatapathError::PolicyTooLarge`]), or next to the policy in force while it switches
+    /// ([`DatapathError::SwitchTooLarge`]). The cgroup table needs no room for both: cgroups
+    /// that no workload matches any more leave it before new ones come in.
+    fn check_fits(
+        &self,
+        policy: &DatapathPolicy,
+        allow: &BTreeMap<(u32, Prefix), AllowValue>,
+        deny: &BTreeSet<Prefix>,
+        fqdn: &BTreeMap<(u32, u64), FqdnValue>,
+        cgroups: &BTreeMap<u64, u32>,
+        resolvers: &BTreeSet<[u8; 16]>,
+    ) -> Result<(), DatapathError> {
+        let name_of = |id: u32| {
+            policy
+                .workloads
+                .iter()
+                .find(|w| w.id == id)
+                .map_or_else(|| id.to_string(), |w| w.name.clone())
+        };
+        // The workload that needs the most entries of a map, for the message.
+        let largest = |ids: &mut dyn Iterator<Item = u32>, what: &str| {
+            let mut per_workload: BTreeMap<u32, usize> = BTreeMap::new();
+            for id in ids {
+                *per_workload.entry(id).or_default() += 1;
+            }
+            per_workload
+                .into_iter()
+                .max_by_key(|&(_, count)| count)
+                .map(|(id, count)| format!("; workload {:?} {what} {count} of them", name_of(id)))
+                .unwrap_or_default()
+        };
+        let capacity = self.capacity;
+        let too_large = |map: &'static str, needed: usize, capacity: u32, detail: String| {
+            DatapathError::PolicyTooLarge {
+                map,
+                needed,
+                capacity,
+                detail,
+            }
+        };
+        if allow.len() > capacity.allow as usize {
+            let detail = largest(&mut allow.keys().map(|key| key.0), "needs");
+            return Err(too_large("allow", allow.len(), capacity.allow, detail));
+        }
+        if deny.len() > capacity.deny as usize {
+            let detail = " (one per prefix of defaults.deny)".to_owned();
+            return Err(too_large("deny", deny.len(), capacity.deny, detail));
+        }
+        if fqdn.len() > capacity.fqdn as usize {
+            let detail = largest(&mut fqdn.keys().map(|key| key.0), "needs");
+            return Err(too_large("fqdn", fqdn.len(), capacity.fqdn, detail));
+        }
+        if cgroups.len() > capacity.workload_cgroups as usize {
+            let detail = largest(&mut cgroups.values().copied(), "matches");
+            return Err(too_large(
+                "workload_cgroups",
+                cgroups.len(),
+                capacity.workload_cgroups,
+                format!(" (one per cgroup a workload's pattern matches){detail}"),
+            ));
+        }
+        if resolvers.len() > capacity.resolvers as usize {
+            let detail = " (one per resolver of dns.resolvers)".to_owned();
+            return Err(too_large(
+                "resolvers",
+                resolvers.len(),
+                capacity.resolvers,
+                detail,
+            ));
+        }
+        // While switching, the maps hold the entries of both policies.
+        let union_sizes = [
+            (
+                "allow",
+                union_len(&self.installed_allow, allow),
+                capacity.allow,
+            ),
+            (
+                "deny",
+                self.installed_deny.union(deny).count(),
+                capacity.deny,
+            ),
+            ("fqdn", union_len(&self.installed_fqdn, fqdn), capacity.fqdn),
+            (
+                "resolvers",
+                self.installed_resolvers.union(resolvers).count(),
+                capacity.resolvers,
+            ),
+        ];
+        for (map, needed, capacity) in union_sizes {
+            if needed > capacity as usize {
+                return Err(DatapathError::SwitchTooLarge {
+                    map,
+                    needed,
+                    capacity,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Replaces the cgroup → workload table alone (new cgroups that match a workload's glob).
+    ///
+    /// Cgroups that no longer match leave first; then new ones are added, lowest id (oldest
+    /// cgroup) first, as long as the map has room. Returns those that did not fit, as
+    /// `(cgroup id, workload)`: the kernel cannot tell that their processes belong to a
+    /// workload, so they are treated as in none (`defaults.unmatched`). A later call adds
+    /// them once there is room.
     pub fn set_workload_cgroups(
         &mut self,
         cgroups: &BTreeMap<u64, u32>,
-    ) -> Result<(), DatapathError> {
+    ) -> Result<Vec<(u64, u32)>, DatapathError> {
         if *cgroups == self.installed_cgroups {
-            return Ok(());
+            return Ok(Vec::new());
         }
-        self.sync_cgroup_map(cgroups)?;
-        self.bump_generation()
+        let before = self.installed_cgroups.clone();
+        let left_out = self.sync_cgroup_map(cgroups)?;
+        if self.installed_cgroups != before {
+            self.bump_generation()?;
+        }
+        Ok(left_out)
     }
 
     /// Switches one workload's mode: one map write.
@@ -929,9 +1084,16 @@ impl Datapath {
                     flags: ALLOW_FLAG_DYNAMIC,
                     rules: array,
                 };
-                self.fqdn_addresses
-                    .insert(key, value, 0)
-                    .map_err(map_err("FQDN_ADDRESSES", "inserting"))?;
+                self.fqdn_addresses.insert(key, value, 0).map_err(|error| {
+                    if capacity::is_full(&error) {
+                        DatapathError::MapFull {
+                            map: "fqdn_addresses",
+                            capacity: self.capacity.fqdn_addresses,
+                        }
+                    } else {
+                        map_err("FQDN_ADDRESSES", "inserting")(error)
+                    }
+                })?;
                 self.installed_fqdn_addresses.insert((workload, bytes));
             }
             None => {
@@ -985,42 +1147,52 @@ impl Datapath {
 
     /// Fill levels of the maps with fixed capacity: `(map, entries, capacity)`.
     pub fn map_fill(&self) -> Vec<(&'static str, usize, u32)> {
+        let capacity = self.capacity;
         vec![
-            (
-                "allow",
-                self.installed_allow.len(),
-                policy_limits::MAX_ALLOW_ENTRIES,
-            ),
-            (
-                "deny",
-                self.installed_deny.len(),
-                policy_limits::MAX_DENY_ENTRIES,
-            ),
+            ("allow", self.installed_allow.len(), capacity.allow),
+            ("deny", self.installed_deny.len(), capacity.deny),
             (
                 "workload_cgroups",
                 self.installed_cgroups.len(),
-                policy_limits::MAX_WORKLOAD_CGROUPS,
+                capacity.workload_cgroups,
             ),
             ("workloads", self.installed_workloads.len(), MAX_WORKLOAD_ID),
-            ("fqdn", self.installed_fqdn.len(), MAX_FQDN_ENTRIES),
+            ("fqdn", self.installed_fqdn.len(), capacity.fqdn),
             (
                 "fqdn_addresses",
                 self.installed_fqdn_addresses.len(),
-                MAX_FQDN_ADDRESSES,
+                capacity.fqdn_addresses,
             ),
-            ("flows", self.flow_entries, egressd_common::flow::MAX_FLOWS),
+            (
+                "resolvers",
+                self.installed_resolvers.len(),
+                capacity.resolvers,
+            ),
+            ("flows", self.flow_entries, capacity.flows),
         ]
     }
 
-    fn sync_cgroup_map(&mut self, desired: &BTreeMap<u64, u32>) -> Result<(), DatapathError> {
-        for (&cgroup_id, &workload) in desired {
-            if self.installed_cgroups.get(&cgroup_id) != Some(&workload) {
-                self.workload_cgroups
-                    .insert(cgroup_id, workload, 0)
-                    .map_err(map_err("WORKLOAD_CGROUPS", "inserting"))?;
-                self.installed_cgroups.insert(cgroup_id, workload);
-            }
-        }
+    /// How many flow summaries the kernel holds at most.
+    pub fn flow_capacity(&self) -> u32 {
+        self.capacity.flows
+    }
+
+    /// How many learned addresses the kernel holds at most (over all workloads).
+    pub fn fqdn_address_capacity(&self) -> u32 {
+        self.capacity.fqdn_addresses
+    }
+
+    /// How many cgroups the kernel can map to workloads.
+    pub fn workload_cgroup_capacity(&self) -> u32 {
+        self.capacity.workload_cgroups
+    }
+
+    /// Makes the cgroup table hold `desired`, as far as it fits: stale entries go first, then
+    /// changed and new ones are written. Returns the new entries that found no room.
+    fn sync_cgroup_map(
+        &mut self,
+        desired: &BTreeMap<u64, u32>,
+    ) -> Result<Vec<(u64, u32)>, DatapathError> {
         let stale: Vec<u64> = self
             .installed_cgroups
             .keys()
@@ -1032,7 +1204,27 @@ impl Datapath {
                 .map_err(map_err("WORKLOAD_CGROUPS", "removing"))?;
             self.installed_cgroups.remove(&cgroup_id);
         }
-        Ok(())
+        let capacity = self.capacity.workload_cgroups as usize;
+        let mut left_out = Vec::new();
+        for (&cgroup_id, &workload) in desired {
+            let present = self.installed_cgroups.contains_key(&cgroup_id);
+            if present && self.installed_cgroups.get(&cgroup_id) == Some(&workload) {
+                continue;
+            }
+            // A changed entry is rewritten in place; a new one needs room.
+            if !present && self.installed_cgroups.len() >= capacity {
+                left_out.push((cgroup_id, workload));
+                continue;
+            }
+            match self.workload_cgroups.insert(cgroup_id, workload, 0) {
+                Ok(()) => {
+                    self.installed_cgroups.insert(cgroup_id, workload);
+                }
+                Err(error) if capacity::is_full(&error) => left_out.push((cgroup_id, workload)),
+                Err(error) => return Err(map_err("WORKLOAD_CGROUPS", "inserting")(error)),
+            }
+        }
+        Ok(left_out)
     }
 
     fn write_workload(&mut self, id: u32, config: WorkloadConfig) -> Result<(), DatapathError> {

@@ -248,7 +248,8 @@ Re\-read the policy file (\fBsystemctl reload egressd\fR sends it). A bad file i
 logged, shown by \fBegressctl status\fR, and changes nothing that is running.
 .TP
 .BR SIGTERM ", " SIGINT
-Stop. The programs detach: nothing is enforced while egressd is not running.
+Stop. The pinned programs keep enforcing the last policy until the next egressd adopts
+them, unless the policy says \fB[daemon] on_stop = "detach"\fR.
 .SH ENVIRONMENT
 .TP
 .B EGRESSD_LOG
@@ -265,7 +266,9 @@ Modes set with \fBegressctl mode\fR, kept across restarts.
 .I /run/egressd/egressd.sock
 The control socket: mode 0600, root only; 0660 for the \fB\-\-socket\-group\fR, whose
 members may do everything; an ACL entry for the policy's \fB[control] read_group\fR,
-whose members may use status, events and dns only.
+whose members may use status, events and dns only. 64 clients at once (16 slots kept for
+root and the socket group); when all are held, the client idle longest makes room, else the
+newcomer is refused with a message saying so. Requests are at most 64 KiB.
 .TP
 .I /usr/lib/systemd/system/egressd.service
 The unit: \fBType=notify\fR (ready once the programs are attached and the policy is

@@ -160,6 +160,7 @@ fn status_report() -> StatusReport {
             cidr_rules: 3,
             fqdn_rules: 2,
             raw_sockets: false,
+            kernel_mode: None,
         }],
         datapath: DatapathStatus {
             cgroup_root: "/sys/fs/cgroup".into(),
@@ -180,6 +181,8 @@ fn status_report() -> StatusReport {
             fqdn_insert_failures: 0,
         },
         observe: None,
+        limits: None,
+        events: None,
     }
 }
 
@@ -200,6 +203,7 @@ fn event(kind: EventKind, destination: &str) -> EventRecord {
         hook: "connect4".into(),
         mode: Mode::Strict,
         dns_name: None,
+        suppressed: 0,
     }
 }
 

@@ -82,24 +82,60 @@ fn walk(
     }
 }
 
+/// The cgroups that a set of workloads' patterns match.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Table {
+    /// What the kernel needs: cgroup id → workload. A matched cgroup whose nearest matched
+    /// ancestor belongs to the same workload is left out: the kernel finds the ancestor
+    /// anyway, and a workload that creates cgroups below its own (systemd delegation,
+    /// containers) cannot fill the table with them.
+    pub kernel: BTreeMap<u64, u32>,
+    /// Every matched path per workload (for `egressctl status` and the recorder).
+    pub paths: BTreeMap<u32, Vec<String>>,
+    /// The path of each cgroup id in `kernel`.
+    pub path_of: BTreeMap<u64, String>,
+}
+
 /// The cgroup table for a set of workloads, in declaration order: a cgroup two patterns match
 /// belongs to the first workload that names it.
-pub fn table(
-    root: &Path,
-    workloads: &[(u32, &CgroupPattern)],
-) -> (BTreeMap<u64, u32>, BTreeMap<u32, Vec<String>>) {
-    let mut ids = BTreeMap::new();
+pub fn table(root: &Path, workloads: &[(u32, &CgroupPattern)]) -> Table {
+    let mut found: BTreeMap<u64, (u32, String)> = BTreeMap::new();
     let mut paths: BTreeMap<u32, Vec<String>> = BTreeMap::new();
     for &(workload, pattern) in workloads {
         for cgroup in matching(root, pattern) {
-            if ids.contains_key(&cgroup.id) {
+            if found.contains_key(&cgroup.id) {
                 continue;
             }
-            ids.insert(cgroup.id, workload);
-            paths.entry(workload).or_default().push(cgroup.path);
+            paths.entry(workload).or_default().push(cgroup.path.clone());
+            found.insert(cgroup.id, (workload, cgroup.path));
         }
     }
-    (ids, paths)
+    let by_path: std::collections::HashMap<&str, u32> = found
+        .values()
+        .map(|(workload, path)| (path.as_str(), *workload))
+        .collect();
+    let nearest_ancestor = |path: &str| {
+        let mut rest = path;
+        while let Some((parent, _)) = rest.rsplit_once('/') {
+            if let Some(&workload) = by_path.get(parent) {
+                return Some(workload);
+            }
+            rest = parent;
+        }
+        None
+    };
+    let mut table = Table {
+        paths,
+        ..Table::default()
+    };
+    for (&id, (workload, path)) in &found {
+        if nearest_ancestor(path) == Some(*workload) {
+            continue;
+        }
+        table.kernel.insert(id, *workload);
+        table.path_of.insert(id, path.clone());
+    }
+    table
 }
 
 #[cfg(test)]
@@ -128,13 +164,46 @@ mod tests {
         let missing = CgroupPattern::parse("nope/x").expect("pattern");
         assert!(matching(dir.path(), &missing).is_empty());
 
-        let (ids, by_workload) = table(dir.path(), &[(1, &literal), (2, &glob)]);
-        assert_eq!(ids.len(), 2);
-        assert_eq!(by_workload.get(&1).map(Vec::len), Some(1));
+        let found = table(dir.path(), &[(1, &literal), (2, &glob)]);
+        assert_eq!(found.kernel.len(), 2);
+        assert_eq!(found.paths.get(&1).map(Vec::len), Some(1));
         assert_eq!(
-            by_workload.get(&2).map(Vec::len),
+            found.paths.get(&2).map(Vec::len),
             Some(1),
             "a.service went to workload 1"
         );
+    }
+
+    #[test]
+    fn cgroups_below_a_cgroup_of_the_same_workload_need_no_entry() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for path in [
+            "pods/a/x/y",
+            "pods/b",
+            "pods/c/inner",
+            "pods/c/inner/deeper",
+        ] {
+            std::fs::create_dir_all(dir.path().join(path)).expect("mkdir");
+        }
+        let everything = CgroupPattern::parse("pods/**").expect("pattern");
+        let inner = CgroupPattern::parse("pods/c/inner").expect("pattern");
+        // `inner` (workload 1) sits between pods/c and pods/c/inner/deeper (workload 2).
+        let found = table(dir.path(), &[(1, &inner), (2, &everything)]);
+        let kernel: Vec<&str> = {
+            let mut paths: Vec<&str> = found.path_of.values().map(String::as_str).collect();
+            paths.sort_unstable();
+            paths
+        };
+        // `pods/**` matches `pods` itself: everything below is found through it, except
+        // what lies below another workload's cgroup.
+        assert_eq!(kernel, ["pods", "pods/c/inner", "pods/c/inner/deeper"]);
+        for redundant in ["pods/a", "pods/a/x/y", "pods/b", "pods/c"] {
+            assert!(
+                found.paths[&2].iter().any(|path| path == redundant),
+                "{redundant} is still listed as matched"
+            );
+        }
+        assert_eq!(found.kernel.len(), found.path_of.len());
+        assert_eq!(found.kernel.values().filter(|&&w| w == 1).count(), 1);
     }
 }

@@ -35,6 +35,11 @@ pub struct Args {
     /// Remove the pinned programs and maps (ending enforcement) and exit.
     #[arg(long)]
     pub uninstall: bool,
+    /// For tests: create a map smaller than the eBPF object declares, `MAP=ENTRIES` (allow,
+    /// deny, workload_cgroups, fqdn, fqdn_addresses, flows), so that filling it takes a
+    /// handful of entries. Only when the maps are created: adopted pins keep their size.
+    #[arg(long, value_name = "MAP=ENTRIES", hide = true)]
+    pub test_map_capacity: Vec<String>,
 }
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/egressd";

@@ -7,23 +7,26 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use egressd_proto::{Request, Response, read_frame_async, write_frame_async};
-use tokio::io::{BufReader, BufWriter};
+use egressd_proto::{MAX_REQUEST, Request, Response, read_frame_async_limited, write_frame_async};
+use tokio::io::{AsyncBufReadExt as _, BufReader, BufWriter};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 
-use crate::access::{Access, Peer, Role};
+use crate::access::{Access, Peer};
+use crate::clients::{Clients, Slot, Tracked};
 use crate::engine::Engine;
 use crate::events::EventHub;
 
-const MAX_CLIENTS: usize = 64;
-/// Of those, the slots that only root and members of `--socket-group` may take: readers
-/// holding every other one (`egressctl events --follow`) never lock an operator out.
-const CONTROL_ONLY_CLIENTS: usize = 16;
 /// A client that sends nothing for this long is disconnected.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// A request that has begun must arrive whole within this time.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// A client that does not read its answers for this long is disconnected.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a refused or evicted client is given to take its last message.
+const PARTING_TIMEOUT: Duration = Duration::from_millis(500);
+/// Refusals being written at once; beyond, a refused connection is closed without a word.
+const MAX_REFUSALS: usize = 64;
 
 pub struct Shared {
     pub engine: Mutex<Engine>,
@@ -96,8 +99,8 @@ pub fn bind(path: &Path, group: Option<u32>) -> anyhow::Result<UnixListener> {
 }
 
 pub async fn serve(listener: UnixListener, shared: Arc<Shared>, path: PathBuf) {
-    let shared_slots = Arc::new(Semaphore::new(MAX_CLIENTS - CONTROL_ONLY_CLIENTS));
-    let control_slots = Arc::new(Semaphore::new(CONTROL_ONLY_CLIENTS));
+    let clients = Clients::new();
+    let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -108,28 +111,31 @@ pub async fn serve(listener: UnixListener, shared: Arc<Shared>, path: PathBuf) {
             }
         };
         let peer = Peer::of(&stream);
-        let Some(role) = peer.as_ref().and_then(|peer| shared.access.role(peer)) else {
+        let Some((peer, role)) = peer
+            .clone()
+            .and_then(|peer| shared.access.role(&peer).map(|role| (peer, role)))
+        else {
             // Refused before a byte is read: an outsider costs no slot and no parsing.
             tracing::debug!(peer = ?peer, "control socket: refusing a client");
-            tokio::spawn(refuse(stream, crate::access::refusal(peer.as_ref())));
+            refuse(stream, crate::access::refusal(peer.as_ref()), &refusals);
             continue;
         };
-        let slot = match role {
-            Role::Control => control_slots
-                .clone()
-                .try_acquire_owned()
-                .or_else(|_| shared_slots.clone().try_acquire_owned()),
-            Role::Read => shared_slots.clone().try_acquire_owned(),
-        };
-        let Ok(slot) = slot else {
-            tracing::warn!(?role, "control socket: too many clients, refusing one");
-            continue;
+        let slot = match clients.admit(role) {
+            Ok(slot) => slot,
+            Err(full) => {
+                tracing::warn!(
+                    ?role,
+                    uid = peer.uid,
+                    clients = full.held,
+                    "control socket: too many clients, refusing one"
+                );
+                refuse(stream, full.message(role), &refusals);
+                continue;
+            }
         };
         let shared = shared.clone();
         tokio::spawn(async move {
-            if let Some(peer) = peer
-                && let Err(e) = handle(stream, peer, &shared).await
-            {
+            if let Err(e) = handle(stream, peer, &shared, &slot).await {
                 tracing::debug!("control client: {e:#}");
             }
             drop(slot);
@@ -137,11 +143,22 @@ pub async fn serve(listener: UnixListener, shared: Arc<Shared>, path: PathBuf) {
     }
 }
 
-/// Tells a client it may not use the socket, and closes the connection.
-async fn refuse(stream: UnixStream, message: String) {
-    let (_, write) = stream.into_split();
-    let mut writer = BufWriter::new(write);
-    let _ = send(&mut writer, &Response::Error { message }).await;
+/// Tells a client it may not use the socket (or not now), and closes the connection; at
+/// most [`MAX_REFUSALS`] at once, each bounded in time.
+fn refuse(stream: UnixStream, message: String, refusals: &Arc<Semaphore>) {
+    let Ok(permit) = refusals.clone().try_acquire_owned() else {
+        return;
+    };
+    tokio::spawn(async move {
+        let (_, write) = stream.into_split();
+        let mut writer = BufWriter::new(write);
+        let _ = tokio::time::timeout(
+            PARTING_TIMEOUT,
+            write_frame_async(&mut writer, &Response::Error { message }),
+        )
+        .await;
+        drop(permit);
+    });
 }
 
 async fn send(
@@ -154,35 +171,105 @@ async fn send(
     Ok(())
 }
 
-async fn handle(stream: UnixStream, peer: Peer, shared: &Shared) -> anyhow::Result<()> {
+/// Tells an evicted client why the connection ends (if it takes the message at once).
+async fn part(writer: &mut BufWriter<tokio::net::unix::OwnedWriteHalf>) {
+    let message = "disconnected: egressd needed this client's slot for another, and this one \
+                   was idle"
+        .to_owned();
+    let _ = tokio::time::timeout(
+        PARTING_TIMEOUT,
+        write_frame_async(writer, &Response::Error { message }),
+    )
+    .await;
+}
+
+/// What waiting for the next request gave.
+enum Next {
+    Request(Request),
+    /// The request could not be decoded; the connection goes on unless it is out of step.
+    Bad(egressd_proto::ProtoError),
+    /// End of stream, idle or request timeout, or eviction (already told).
+    Leave,
+}
+
+/// Waits for the next request: at most [`IDLE_TIMEOUT`] for its first byte, then
+/// [`REQUEST_TIMEOUT`] for the rest, at most [`MAX_REQUEST`] bytes, leaving at once when
+/// the slot is needed by another client.
+async fn next_request(
+    reader: &mut BufReader<Tracked<tokio::net::unix::OwnedReadHalf>>,
+    writer: &mut BufWriter<tokio::net::unix::OwnedWriteHalf>,
+    slot: &Slot,
+) -> anyhow::Result<Next> {
+    slot.set_busy(false);
+    let started = tokio::select! {
+        () = slot.evicted() => {
+            part(writer).await;
+            return Ok(Next::Leave);
+        }
+        started = tokio::time::timeout(IDLE_TIMEOUT, reader.fill_buf()) => started,
+    };
+    match started {
+        Err(_) => return Ok(Next::Leave),
+        Ok(Err(e)) => return Err(e.into()),
+        Ok(Ok([])) => return Ok(Next::Leave),
+        Ok(Ok(_)) => {}
+    }
+    let frame = tokio::select! {
+        () = slot.evicted() => {
+            part(writer).await;
+            return Ok(Next::Leave);
+        }
+        frame = tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            read_frame_async_limited::<_, Request>(reader, MAX_REQUEST),
+        ) => frame,
+    };
+    slot.set_busy(true);
+    Ok(match frame {
+        Err(_) => {
+            let message = format!(
+                "bad request: incomplete after {}s (a request is one line of JSON)",
+                REQUEST_TIMEOUT.as_secs()
+            );
+            let _ = send(writer, &Response::Error { message }).await;
+            Next::Leave
+        }
+        Ok(Ok(Some(request))) => Next::Request(request),
+        Ok(Ok(None)) => Next::Leave,
+        Ok(Err(e)) => Next::Bad(e),
+    })
+}
+
+async fn handle(
+    stream: UnixStream,
+    peer: Peer,
+    shared: &Shared,
+    slot: &Slot,
+) -> anyhow::Result<()> {
     let (read, write) = stream.into_split();
-    let mut reader = BufReader::new(read);
+    let mut reader = BufReader::new(Tracked::new(read, slot.tracker()));
     let mut writer = BufWriter::new(write);
     loop {
-        let request =
-            match tokio::time::timeout(IDLE_TIMEOUT, read_frame_async::<_, Request>(&mut reader))
-                .await
-            {
-                Err(_) => return Ok(()),
-                Ok(Ok(None)) => return Ok(()),
-                Ok(Ok(Some(request))) => request,
-                Ok(Err(e)) => {
-                    // A bad frame gets an answer naming the problem; an oversized one ends the
-                    // connection because the stream is out of step.
-                    let oversized = matches!(e, egressd_proto::ProtoError::FrameTooLarge { .. });
-                    send(
-                        &mut writer,
-                        &Response::Error {
-                            message: format!("bad request: {e}"),
-                        },
-                    )
-                    .await?;
-                    if oversized {
-                        return Ok(());
-                    }
-                    continue;
+        let request = match next_request(&mut reader, &mut writer, slot).await? {
+            Next::Leave => return Ok(()),
+            Next::Request(request) => request,
+            Next::Bad(e) => {
+                // A bad frame gets an answer naming the problem; an oversized one ends the
+                // connection because the stream is out of step.
+                let oversized = matches!(e, egressd_proto::ProtoError::FrameTooLarge { .. });
+                send(
+                    &mut writer,
+                    &Response::Error {
+                        message: format!("bad request: {e}"),
+                    },
+                )
+                .await?;
+                if oversized {
+                    return Ok(());
                 }
-            };
+                continue;
+            }
+        };
         // Judged by the rules in force now: a reload may have withdrawn the read group since
         // the client connected.
         let Some(role) = shared.access.role(&peer) else {
@@ -203,6 +290,7 @@ async fn handle(stream: UnixStream, peer: Peer, shared: &Shared) -> anyhow::Resu
             Request::Status => {
                 let mut report = lock(shared)?.status();
                 report.observe = shared.recorder.status();
+                report.events = Some(shared.events.limit_status());
                 send(&mut writer, &Response::Status(Box::new(report))).await?;
             }
             Request::Flush => {
@@ -243,9 +331,29 @@ async fn handle(stream: UnixStream, peer: Peer, shared: &Shared) -> anyhow::Resu
                     send(&mut writer, &Response::Event(record)).await?;
                 }
                 if let Some(live) = live.as_mut() {
+                    // Between events the follower counts as idle: it may be disconnected to
+                    // make room, and it is noticed when it goes away even if no event comes.
+                    slot.set_busy(false);
                     loop {
-                        match live.recv().await {
-                            Ok(record) => send(&mut writer, &Response::Event(record)).await?,
+                        let received = tokio::select! {
+                            () = slot.evicted() => {
+                                part(&mut writer).await;
+                                return Ok(());
+                            }
+                            gone = follower_gone(&mut reader) => {
+                                if gone {
+                                    return Ok(());
+                                }
+                                continue;
+                            }
+                            received = live.recv() => received,
+                        };
+                        match received {
+                            Ok(record) => {
+                                slot.set_busy(true);
+                                send(&mut writer, &Response::Event(record)).await?;
+                                slot.set_busy(false);
+                            }
                             Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
                                 tracing::warn!("events follower too slow, skipped {missed} events");
                             }
@@ -255,6 +363,19 @@ async fn handle(stream: UnixStream, peer: Peer, shared: &Shared) -> anyhow::Resu
                 }
                 send(&mut writer, &Response::EndOfEvents).await?;
             }
+        }
+    }
+}
+
+/// While following events: true when the client closed the connection; bytes it sends
+/// meanwhile are read and dropped (false).
+async fn follower_gone(reader: &mut BufReader<Tracked<tokio::net::unix::OwnedReadHalf>>) -> bool {
+    match reader.fill_buf().await {
+        Ok([]) | Err(_) => true,
+        Ok(bytes) => {
+            let len = bytes.len();
+            reader.consume(len);
+            false
         }
     }
 }

@@ -8,9 +8,10 @@ use std::path::PathBuf;
 use std::time::{Instant, SystemTime};
 
 use egressd_datapath::{
-    CidrRule, Datapath, DatapathPolicy, DnsAnswer, FqdnSpec, MAX_WORKLOAD_ID, WorkloadSpec,
+    CidrRule, Datapath, DatapathError, DatapathPolicy, DnsAnswer, FqdnSpec, MAX_WORKLOAD_ID,
+    WorkloadSpec,
 };
-use egressd_policy::{Destination, HOST_WORKLOAD, Policy, Unmatched, Workload};
+use egressd_policy::{Destination, HOST_WORKLOAD, Mode, Policy, Unmatched, Workload};
 use egressd_proto::{
     DatapathStatus, DnsAddress, DnsName, DnsReport, DnsStats, ModeSetting, ModeStatus,
     PolicyStatus, ReloadFailure, StatusReport, WorkloadStatus,
@@ -62,6 +63,8 @@ pub struct Engine {
     inherited_addresses: BTreeMap<(u32, IpAddr), Instant>,
     /// `<state dir>/workload-ids.json`.
     ids_path: PathBuf,
+    /// What does not fit in the kernel's maps, and what `[limits] on_full` made of it.
+    limits: crate::limits::Limits,
 }
 
 impl Engine {
@@ -92,9 +95,11 @@ impl Engine {
             unadopted: BTreeSet::new(),
             inherited_addresses: BTreeMap::new(),
             ids_path,
+            limits: crate::limits::Limits::default(),
         };
         let policy = engine.policy.clone();
         engine.install(&policy)?;
+        engine.sync_limit_modes();
         if engine.datapath.adopted() {
             let hold = policy.dns.min_ttl + policy.dns.grace;
             let until = Instant::now() + hold;
@@ -148,28 +153,37 @@ impl Engine {
             while used.contains(&next) || self.ids.values().any(|&id| id == next) {
                 next += 1;
             }
-            anyhow::ensure!(
-                next <= MAX_WORKLOAD_ID,
-                "more than {MAX_WORKLOAD_ID} workloads"
-            );
+            if next > MAX_WORKLOAD_ID {
+                // The ids of the policy in force stay taken until the new one is installed.
+                let new = names.iter().filter(|n| !self.ids.contains_key(**n)).count();
+                anyhow::bail!(
+                    "switching to the new policy needs {} workload ids at once ({} of the \
+                     policy in force and {new} new ones), and the kernel's workloads map \
+                     holds {MAX_WORKLOAD_ID}: reload in two steps, removing workloads first",
+                    self.ids.len() + new,
+                    self.ids.len()
+                );
+            }
             ids.insert((*name).to_owned(), next);
             used.insert(next);
         }
         Ok(ids)
     }
 
-    /// The cgroups that the workloads' patterns match now: id → workload, and the paths per
-    /// workload.
-    fn cgroup_table(
-        &self,
-        workloads: &[Workload],
-        ids: &BTreeMap<String, u32>,
-    ) -> (BTreeMap<u64, u32>, BTreeMap<u32, Vec<String>>) {
+    /// The cgroups that the workloads' patterns match now.
+    fn cgroup_table(&self, workloads: &[Workload], ids: &BTreeMap<String, u32>) -> cgroups::Table {
         let patterns: Vec<(u32, &egressd_policy::CgroupPattern)> = workloads
             .iter()
             .filter_map(|w| Some((*ids.get(&w.name)?, w.cgroup.as_ref()?)))
             .collect();
         cgroups::table(self.datapath.cgroup_root(), &patterns)
+    }
+
+    /// The mode the kernel enforces for `workload` (id `id`) under `policy`: its mode, unless
+    /// `[limits] on_full = "allow"` lets it through while its learned addresses do not fit.
+    fn kernel_mode(&self, policy: &Policy, workload: &Workload, id: u32) -> Mode {
+        let (mode, _) = self.modes.resolve(policy, workload);
+        self.limits.kernel_mode(policy.limits.on_full, mode, id)
     }
 
     fn compile(
@@ -178,20 +192,19 @@ impl Engine {
         ids: &BTreeMap<String, u32>,
     ) -> (DatapathPolicy, BTreeMap<u32, Vec<String>>) {
         let workloads = Self::effective_workloads(policy);
-        let (cgroup_ids, cgroup_paths) = self.cgroup_table(&workloads, ids);
+        let table = self.cgroup_table(&workloads, ids);
         let mut by_workload: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
-        for (&cgroup, &workload) in &cgroup_ids {
+        for (&cgroup, &workload) in &table.kernel {
             by_workload.entry(workload).or_default().push(cgroup);
         }
         let specs = workloads
             .iter()
             .filter_map(|workload| {
                 let id = *ids.get(&workload.name)?;
-                let (mode, _) = self.modes.resolve(policy, workload);
                 Some(WorkloadSpec {
                     id,
                     name: workload.name.clone(),
-                    mode,
+                    mode: self.kernel_mode(policy, workload, id),
                     raw_sockets: workload.raw_sockets,
                     dns_allowlisted: workload.dns_queries
                         == egressd_policy::DnsQueries::Allowlisted,
@@ -225,7 +238,7 @@ impl Engine {
                 deny: policy.defaults.deny.clone(),
                 unmatched,
             },
-            cgroup_paths,
+            table.paths,
         )
     }
 
@@ -242,7 +255,7 @@ impl Engine {
         changed.extend(self.dns.set_rules(fqdn_rules(&workloads_with_ids, &ids)));
         self.resolvers = compiled.resolvers.clone();
         self.search_domains = compiled.dns_search_domains.clone();
-        self.refresh_addresses(&changed);
+        self.store_addresses(&changed);
         tracing::info!(
             policy = %policy.source.path.display(),
             sha256 = %policy.source.sha256,
@@ -261,18 +274,157 @@ impl Engine {
         }
         self.ids = ids;
         self.cgroup_paths = cgroup_paths;
+        // Every cgroup of the policy found room (apply refuses a policy otherwise).
+        self.note_cgroups_left_out(&[]);
+        let live: BTreeSet<u32> = self.ids.values().copied().collect();
+        self.limits.retain_workloads(&live);
         Ok(())
     }
 
+    /// Logs what changed in the cgroups left out of the kernel's table.
+    fn note_cgroups_left_out(&mut self, left_out: &[(u32, String)]) {
+        let capacity = self.datapath.workload_cgroup_capacity();
+        for (workload, count) in self.limits.set_cgroups_left_out(left_out) {
+            let name = self
+                .workload_name(workload)
+                .unwrap_or_else(|| workload.to_string());
+            if count == 0 {
+                tracing::info!(
+                    map = "workload_cgroups",
+                    workload = %name,
+                    "every cgroup of workload {name} is in the kernel's cgroup table again"
+                );
+            } else {
+                tracing::error!(
+                    map = "workload_cgroups",
+                    capacity,
+                    workload = %name,
+                    cgroups = count,
+                    unmatched = self.policy.defaults.unmatched.as_str(),
+                    "the kernel's workload_cgroups map is full ({capacity} entries): {count} \
+                     cgroups of workload {name} are left out and their processes count as in no \
+                     workload (defaults.unmatched = \"{}\"); narrow the workloads' cgroup \
+                     patterns",
+                    self.policy.defaults.unmatched.as_str()
+                );
+            }
+        }
+    }
+
     /// Rewrites the kernel's entry of each learned address from the table (or removes it).
-    fn refresh_addresses(&mut self, keys: &[(u32, IpAddr)]) {
+    /// An address the kernel has no room for is remembered, retried as the map frees up, and
+    /// handled as `[limits] on_full` says. Returns whether the map was full.
+    fn refresh_addresses(&mut self, keys: &[(u32, IpAddr)]) -> bool {
+        let full = self.store_addresses(keys);
+        self.sync_limit_modes();
+        full
+    }
+
+    /// [`Engine::refresh_addresses`] without updating the modes that `[limits] on_full`
+    /// sets: for `install`, whose caller does that once the new policy is in force.
+    fn store_addresses(&mut self, keys: &[(u32, IpAddr)]) -> bool {
+        let mut full = false;
         for &(workload, addr) in keys {
             let rules = self.dns.allowed_for(workload, addr);
-            if let Err(e) = self
+            match self
                 .datapath
                 .set_fqdn_address(workload, addr, rules.as_deref())
             {
-                tracing::error!(workload, address = %addr, "updating a learned address: {e}");
+                Ok(()) => self.address_settled(workload, addr),
+                Err(DatapathError::MapFull { capacity, .. }) => {
+                    full = true;
+                    self.address_not_stored(workload, addr, capacity);
+                }
+                Err(e) => {
+                    tracing::error!(workload, address = %addr, "updating a learned address: {e}");
+                }
+            }
+        }
+        full
+    }
+
+    fn address_not_stored(&mut self, workload: u32, addr: IpAddr, capacity: u32) {
+        let first_of_workload = !self.limits.has_unstored(workload);
+        if !self.limits.address_not_stored(workload, addr) || !first_of_workload {
+            return;
+        }
+        let name = self
+            .workload_name(workload)
+            .unwrap_or_else(|| workload.to_string());
+        let on_full = self.policy.limits.on_full;
+        tracing::error!(
+            map = "fqdn_addresses",
+            capacity,
+            workload = %name,
+            address = %addr,
+            on_full = on_full.as_str(),
+            "the kernel's fqdn_addresses map is full ({capacity} entries): learned addresses of \
+             workload {name} cannot be stored ({addr} first); {}",
+            match on_full {
+                egressd_policy::OnFull::Deny =>
+                    "connections to them are refused until they fit ([limits] on_full = \"deny\")",
+                egressd_policy::OnFull::Allow =>
+                    "a strict workload runs as audit until they fit ([limits] on_full = \"allow\")",
+            }
+        );
+    }
+
+    fn address_settled(&mut self, workload: u32, addr: IpAddr) {
+        let had = self.limits.has_unstored(workload);
+        self.limits.address_settled(workload, addr);
+        if had && !self.limits.has_unstored(workload) {
+            let name = self
+                .workload_name(workload)
+                .unwrap_or_else(|| workload.to_string());
+            tracing::info!(
+                map = "fqdn_addresses",
+                workload = %name,
+                "every learned address of workload {name} is stored again (or has expired)"
+            );
+        }
+    }
+
+    /// Writes the mode of every workload whose kernel mode `[limits] on_full` changed.
+    /// Called after every DNS answer: returns at once while nothing is missing.
+    fn sync_limit_modes(&mut self) {
+        if self.limits.is_quiet() {
+            return;
+        }
+        let workloads = Self::effective_workloads(&self.policy);
+        let mut passed = BTreeSet::new();
+        let mut modes = BTreeMap::new();
+        for workload in &workloads {
+            let Some(&id) = self.ids.get(&workload.name) else {
+                continue;
+            };
+            let kernel = self.kernel_mode(&self.policy, workload, id);
+            if kernel != self.modes.resolve(&self.policy, workload).0 {
+                passed.insert(id);
+            }
+            modes.insert(id, (workload.name.clone(), kernel, workload.raw_sockets));
+        }
+        for (id, now_passed) in self.limits.set_passed(passed) {
+            let Some((name, mode, raw_sockets)) = modes.get(&id) else {
+                continue;
+            };
+            if let Err(e) = self.datapath.set_mode(id, *mode, *raw_sockets) {
+                tracing::error!(workload = %name, "switching to {mode}: {e}");
+                continue;
+            }
+            if now_passed {
+                tracing::warn!(
+                    workload = %name,
+                    kernel_mode = mode.as_str(),
+                    "workload {name} runs as audit: some of its learned addresses do not fit in \
+                     the kernel's fqdn_addresses map, and [limits] on_full = \"allow\" (what \
+                     strict mode would refuse is reported as would_deny)"
+                );
+            } else {
+                tracing::info!(
+                    workload = %name,
+                    kernel_mode = mode.as_str(),
+                    "workload {name} is enforced as {mode} again"
+                );
             }
         }
     }
@@ -409,6 +561,16 @@ impl Engine {
             .difference(&stale.iter().copied().collect())
             .copied()
             .collect();
+        // Learned addresses that found no room: try again as the map frees up, a bounded
+        // number per check, stopping at the first that still finds none.
+        for key in self
+            .limits
+            .unstored_addresses(crate::limits::RETRIES_PER_CHECK)
+        {
+            if self.refresh_addresses(&[key]) {
+                break;
+            }
+        }
     }
 
     /// The kernel's flow summaries named for the recorder, with what it needs to judge them.
@@ -450,7 +612,7 @@ impl Engine {
             flows,
             workload_cgroups,
             settings: self.policy.observe.clone(),
-            capacity: egressd_datapath::MAX_FLOWS,
+            capacity: self.datapath.flow_capacity(),
             insert_failures,
         })
     }
@@ -513,7 +675,26 @@ impl Engine {
         loaded: Result<Policy, egressd_policy::PolicyError>,
     ) -> Result<String, String> {
         let result = loaded.map_err(|e| error_chain(&e)).and_then(|policy| {
-            self.install(&policy).map_err(|e| format!("{e:#}"))?;
+            if let Err(e) = self.install(&policy) {
+                // A map write that failed half way left some of the new policy's entries
+                // in: put the one in force back. (Refusals before any write need nothing.)
+                let wrote = e
+                    .downcast_ref::<DatapathError>()
+                    .is_some_and(|e| !e.wrote_nothing());
+                if wrote {
+                    let previous = self.policy.clone();
+                    match self.install(&previous) {
+                        Ok(()) => tracing::warn!(
+                            "the reload failed while writing the maps; the policy in force is \
+                             restored"
+                        ),
+                        Err(restore) => tracing::error!(
+                            "restoring the policy in force after a failed reload: {restore:#}"
+                        ),
+                    }
+                }
+                return Err(format!("{e:#}"));
+            }
             Ok(policy)
         });
         match result {
@@ -525,6 +706,8 @@ impl Engine {
                     short_hash(&policy.source.sha256)
                 );
                 self.policy = policy;
+                // compile() already wrote the kernel modes; this records them.
+                self.sync_limit_modes();
                 self.policy_loaded_at = SystemTime::now();
                 self.last_error = None;
                 self.reloads_succeeded += 1;
@@ -548,11 +731,23 @@ impl Engine {
     /// Picks up cgroups created or removed since the last scan (new services matching a glob).
     pub fn rescan_cgroups(&mut self) -> anyhow::Result<()> {
         let workloads = Self::effective_workloads(&self.policy);
-        let (table, cgroup_paths) = self.cgroup_table(&workloads, &self.ids);
-        self.datapath.set_workload_cgroups(&table)?;
-        if cgroup_paths != self.cgroup_paths {
-            tracing::info!(cgroups = table.len(), "workload cgroups changed");
-            self.cgroup_paths = cgroup_paths;
+        let table = self.cgroup_table(&workloads, &self.ids);
+        let left_out = self.datapath.set_workload_cgroups(&table.kernel)?;
+        let left_out: Vec<(u32, String)> = left_out
+            .into_iter()
+            .map(|(cgroup, workload)| {
+                let path = table
+                    .path_of
+                    .get(&cgroup)
+                    .cloned()
+                    .unwrap_or_else(|| format!("cgroup id {cgroup}"));
+                (workload, path)
+            })
+            .collect();
+        self.note_cgroups_left_out(&left_out);
+        if table.paths != self.cgroup_paths {
+            tracing::info!(cgroups = table.kernel.len(), "workload cgroups changed");
+            self.cgroup_paths = table.paths;
         }
         Ok(())
     }
@@ -585,11 +780,12 @@ impl Engine {
             let Some(&id) = self.ids.get(&w.name) else {
                 continue;
             };
-            let (mode, _) = self.modes.resolve(&self.policy, w);
+            let mode = self.kernel_mode(&self.policy, w, id);
             if let Err(e) = self.datapath.set_mode(id, mode, w.raw_sockets) {
                 return Err(format!("switching {} to {mode}: {e}", w.name));
             }
         }
+        self.sync_limit_modes();
         let target =
             workload.map_or_else(|| "default mode".to_owned(), |w| format!("workload {w}"));
         let message = match setting.mode() {
@@ -636,6 +832,14 @@ impl Engine {
             reloads_failed: self.reloads_failed,
             dns: self.dns.stats(),
             dns_parse_failures: self.dns_parse_failures,
+            limits: self.limits.snapshot(),
+            workload_names: self
+                .ids
+                .iter()
+                .map(|(name, &id)| (id, name.clone()))
+                .collect(),
+            // Filled in by the metrics server from the event hub.
+            events: egressd_proto::EventsStatus::default(),
         }
     }
 
@@ -662,9 +866,33 @@ impl Engine {
                     cidr_rules: w.allow.len() - fqdn_rules,
                     fqdn_rules,
                     raw_sockets: w.raw_sockets,
+                    kernel_mode: self
+                        .limits
+                        .is_passed(id)
+                        .then(|| self.kernel_mode(&self.policy, w, id))
+                        .filter(|kernel| *kernel != mode),
                 }
             })
             .collect();
+        let modes: BTreeMap<u32, Mode> = Self::effective_workloads(&self.policy)
+            .iter()
+            .filter_map(|w| {
+                Some((
+                    *self.ids.get(&w.name)?,
+                    self.modes.resolve(&self.policy, w).0,
+                ))
+            })
+            .collect();
+        let limits = self.limits.status(
+            self.policy.limits.on_full,
+            &crate::limits::Capacities {
+                fqdn_addresses: self.datapath.fqdn_address_capacity(),
+                workload_cgroups: self.datapath.workload_cgroup_capacity(),
+            },
+            |id| modes.get(&id).copied(),
+            |id| self.workload_name(id),
+            self.policy.defaults.unmatched,
+        );
         StatusReport {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             pid: std::process::id(),
@@ -708,8 +936,10 @@ impl Engine {
                     .collect(),
                 fqdn_insert_failures: counters.fqdn_insert_failures,
             },
-            // Filled in by the control socket from the recorder.
+            // Filled in by the control socket from the recorder and the event hub.
             observe: None,
+            limits: Some(limits),
+            events: None,
         }
     }
 }

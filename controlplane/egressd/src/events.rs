@@ -5,11 +5,14 @@ use std::collections::VecDeque;
 use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
+use std::time::Instant;
 
 use egressd_datapath::{Event, EventKind, Hook};
-use egressd_proto::{EventKind as WireKind, EventRecord};
+use egressd_proto::{EventKind as WireKind, EventRecord, EventsStatus};
 use serde::Serialize;
 use tokio::sync::broadcast;
+
+use crate::ratelimit::RefusalLimiter;
 
 /// Events kept for `egressctl events` without `--follow`.
 pub const BACKLOG: usize = 10_000;
@@ -61,6 +64,7 @@ pub fn record(event: &Event, workload: Option<String>, dns_name: Option<String>)
         hook: event.hook.as_str().to_owned(),
         mode: event.mode,
         dns_name,
+        suppressed: 0,
     }
 }
 
@@ -95,6 +99,7 @@ pub fn refused_query(
         hook: "egress".to_owned(),
         mode,
         dns_name: name,
+        suppressed: 0,
     }
 }
 
@@ -110,6 +115,8 @@ pub struct EventHub {
     backlog: Mutex<VecDeque<EventRecord>>,
     followers: broadcast::Sender<EventRecord>,
     json_stdout: bool,
+    /// Holds back refusals beyond the rate limit (see `ratelimit`).
+    limiter: Mutex<RefusalLimiter>,
 }
 
 impl EventHub {
@@ -118,7 +125,45 @@ impl EventHub {
             backlog: Mutex::new(VecDeque::with_capacity(1024)),
             followers: broadcast::channel(FOLLOWER_QUEUE).0,
             json_stdout,
+            limiter: Mutex::new(RefusalLimiter::default()),
         }
+    }
+
+    /// Publishes `record` unless the refusal rate limit holds it back; returns whether it
+    /// was published.
+    pub fn offer(&self, record: EventRecord) -> bool {
+        let admitted = match self.limiter.lock() {
+            Ok(mut limiter) => limiter.admit(record, Instant::now()),
+            // A poisoned limiter limits nothing.
+            Err(_) => Some(record),
+        };
+        match admitted {
+            Some(record) => {
+                self.publish(record);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Publishes what the rate limit held back and may now be reported (each the newest
+    /// refusal of its destination, carrying the count of the others).
+    pub fn flush_held(&self) {
+        let records = match self.limiter.lock() {
+            Ok(mut limiter) => limiter.flush(Instant::now()),
+            Err(_) => Vec::new(),
+        };
+        for record in records {
+            self.publish(record);
+        }
+    }
+
+    /// The rate limit and what it held back.
+    pub fn limit_status(&self) -> EventsStatus {
+        self.limiter
+            .lock()
+            .map(|limiter| limiter.status())
+            .unwrap_or_default()
     }
 
     pub fn publish(&self, record: EventRecord) {
@@ -144,7 +189,7 @@ impl EventHub {
         } else {
             Ok(writeln!(
                 out,
-                "{} {:<10} {} {} {} -> {} pid={} comm={} ({}, {})",
+                "{} {:<10} {} {} {} -> {} pid={} comm={} ({}, {}){}",
                 record.time,
                 record.kind.as_str().to_uppercase(),
                 record.workload.as_deref().unwrap_or("-"),
@@ -154,7 +199,12 @@ impl EventHub {
                 record.pid,
                 record.comm,
                 record.reason,
-                record.hook
+                record.hook,
+                if record.suppressed > 0 {
+                    format!(" +{} like it held back", record.suppressed)
+                } else {
+                    String::new()
+                }
             ))
         };
         // stdout closed (journald restarting): events stay in the backlog.

@@ -3,12 +3,15 @@
 
 mod access;
 mod cgroups;
+mod clients;
 mod control;
 mod engine;
 mod events;
 mod ids;
+mod limits;
 mod metrics;
 mod modes;
+mod ratelimit;
 mod recorder;
 
 use std::io::IsTerminal as _;
@@ -103,8 +106,19 @@ async fn run(args: Args, json: bool) -> anyhow::Result<()> {
     let access = access::Access::new(&args.socket, socket_group);
     access.set_read_group(read_group);
 
-    let mut datapath = egressd_datapath::Datapath::load(&cgroup_root, Some(&args.pin_dir))
-        .with_context(|| format!("loading the eBPF datapath at {}", cgroup_root.display()))?;
+    let mut capacities = egressd_datapath::MapCapacities::default();
+    for spec in &args.test_map_capacity {
+        capacities.lower_from_spec(spec)?;
+    }
+    if !capacities.is_empty() {
+        tracing::warn!(
+            capacities = ?args.test_map_capacity,
+            "--test-map-capacity: maps created smaller than usual (for tests)"
+        );
+    }
+    let mut datapath =
+        egressd_datapath::Datapath::load_with(&cgroup_root, Some(&args.pin_dir), &capacities)
+            .with_context(|| format!("loading the eBPF datapath at {}", cgroup_root.display()))?;
     let events = datapath.take_events()?;
     let dns_answers = datapath.take_dns_answers()?;
     if let Some(kernel_log) = datapath.take_kernel_log() {
@@ -321,7 +335,6 @@ async fn kernel_records(
         if expire {
             engine.expire_addresses();
         }
-        let mut sightings = Vec::new();
         let records: Vec<_> = event_batch
             .iter()
             .map(|event| {
@@ -329,24 +342,35 @@ async fn kernel_records(
                     .destination
                     .and_then(|addr| engine.dns_name_for(event.workload, addr));
                 let workload = engine.workload_name(event.workload);
-                if let (Some(name), Some(address)) = (&workload, event.destination) {
-                    sightings.push(sighting(event, name, address, dns_name.clone()));
-                }
-                events::record(event, workload, dns_name)
+                let sighting = match (&workload, event.destination) {
+                    (Some(name), Some(address)) => {
+                        Some(sighting(event, name, address, dns_name.clone()))
+                    }
+                    _ => None,
+                };
+                (events::record(event, workload, dns_name), sighting)
             })
             .collect();
         drop(engine);
         for question in questions {
             shared.recorder.question(question);
         }
+        // Refused DNS questions go through the same rate limit (each name its own
+        // destination there); they have no sighting.
         for record in refusals {
-            shared.events.publish(record);
+            shared.events.offer(record);
         }
-        for sighting in sightings {
-            shared.recorder.sighting(sighting);
+        for (record, sighting) in records {
+            // A refusal the rate limit holds back is not recorded either: the first of its
+            // destination was, and the kernel's summary counts every one.
+            if shared.events.offer(record)
+                && let Some(sighting) = sighting
+            {
+                shared.recorder.sighting(sighting);
+            }
         }
-        for record in records {
-            shared.events.publish(record);
+        if expire {
+            shared.events.flush_held();
         }
     }
 }

@@ -26,6 +26,12 @@ pub struct Snapshot {
     pub reloads_failed: u64,
     pub dns: egressd_dns::TableStats,
     pub dns_parse_failures: u64,
+    /// What does not fit in the kernel's maps.
+    pub limits: crate::limits::LimitsSnapshot,
+    /// Workload names by id, for `limits`.
+    pub workload_names: std::collections::BTreeMap<u32, String>,
+    /// The refusal events the rate limit held back.
+    pub events: egressd_proto::EventsStatus,
 }
 
 #[derive(Debug)]
@@ -265,6 +271,78 @@ impl Collector for Snapshot {
             "Capacity of each policy map",
             &capacity,
         )?;
+        let name = |id: u32| {
+            self.workload_names
+                .get(&id)
+                .cloned()
+                .unwrap_or_else(|| id.to_string())
+        };
+        let overflow: Vec<(Labels, i64)> = self
+            .limits
+            .overflows
+            .iter()
+            .map(|&(map, workload, entries)| {
+                (
+                    vec![("map", map.to_owned()), ("workload", name(workload))],
+                    i64::try_from(entries).unwrap_or(i64::MAX),
+                )
+            })
+            .collect();
+        gauge(
+            &mut encoder,
+            "egressd_map_overflow",
+            "Entries a workload needs that a full kernel map has no room for now (learned \
+             addresses, cgroups)",
+            &overflow,
+        )?;
+        counter(
+            &mut encoder,
+            "egressd_map_store_failures",
+            "Entries the daemon could not store because the map was full, counted once each",
+            &[
+                (
+                    vec![("map", "fqdn_addresses".to_owned())],
+                    self.limits.fqdn_store_failures,
+                ),
+                (
+                    vec![("map", "workload_cgroups".to_owned())],
+                    self.limits.cgroup_store_failures,
+                ),
+            ],
+        )?;
+        let passed: Vec<(Labels, i64)> = self
+            .limits
+            .passed
+            .iter()
+            .map(|&workload| (vec![("workload", name(workload))], 1))
+            .collect();
+        gauge(
+            &mut encoder,
+            "egressd_limits_audit",
+            "1 for each strict workload the kernel runs as audit because its learned addresses \
+             do not fit and [limits] on_full = \"allow\"",
+            &passed,
+        )?;
+        let held: Vec<(Labels, u64)> = self
+            .events
+            .by_workload
+            .iter()
+            .map(|w| (vec![("workload", w.workload.clone())], w.suppressed))
+            .collect();
+        counter(
+            &mut encoder,
+            "egressd_events_suppressed",
+            "Refusal events held back by the rate limit (each counted in a later event's \
+             suppressed field, or unreported)",
+            &held,
+        )?;
+        counter(
+            &mut encoder,
+            "egressd_events_unreported",
+            "Held-back refusal events whose count no event carries (their destination was \
+             forgotten to bound memory)",
+            &plain(self.events.unreported),
+        )?;
         Ok(())
     }
 }
@@ -293,10 +371,11 @@ pub async fn serve(listen: SocketAddr, shared: Arc<Shared>) {
         axum::routing::get(move || {
             let shared = shared.clone();
             async move {
-                let snapshot = match shared.engine.lock() {
+                let mut snapshot = match shared.engine.lock() {
                     Ok(engine) => engine.metrics_snapshot(),
                     Err(_) => Snapshot::default(),
                 };
+                snapshot.events = shared.events.limit_status();
                 match render(snapshot) {
                     Ok(text) => (
                         axum::http::StatusCode::OK,
@@ -348,6 +427,21 @@ mod tests {
             policy_sha256: "abc".into(),
             reloads_succeeded: 1,
             reloads_failed: 0,
+            limits: crate::limits::LimitsSnapshot {
+                fqdn_store_failures: 3,
+                cgroup_store_failures: 0,
+                overflows: vec![("fqdn_addresses", 1, 3)],
+                passed: vec![1],
+            },
+            workload_names: [(1, "agent".to_owned())].into(),
+            events: egressd_proto::EventsStatus {
+                by_workload: vec![egressd_proto::WorkloadEvents {
+                    workload: "agent".into(),
+                    published: 5,
+                    suppressed: 99,
+                }],
+                ..Default::default()
+            },
             ..Default::default()
         };
         let text = render(snapshot).expect("renders");
@@ -359,6 +453,11 @@ mod tests {
             r#"egressd_policy_reloads_total{result="success"} 1"#,
             r#"egressd_map_entries{map="allow"} 2"#,
             r#"egressd_map_capacity{map="allow"} 100"#,
+            r#"egressd_map_overflow{map="fqdn_addresses",workload="agent"} 3"#,
+            r#"egressd_map_store_failures_total{map="fqdn_addresses"} 3"#,
+            r#"egressd_limits_audit{workload="agent"} 1"#,
+            r#"egressd_events_suppressed_total{workload="agent"} 99"#,
+            "egressd_events_unreported_total 0",
         ] {
             assert!(text.contains(expected), "missing {expected:?} in\n{text}");
         }

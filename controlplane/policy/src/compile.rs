@@ -16,8 +16,8 @@ use crate::error::{Diagnostic, Location, PolicyError, SourceMap};
 use crate::fqdn::FqdnPattern;
 use crate::model::{
     AllowRule, ControlSettings, DaemonSettings, Defaults, Destination, DnsQueries, DnsSettings,
-    GroupRef, GroupSetting, HOST_WORKLOAD, MAX_WORKLOADS, MetricsSettings, ObserveSettings, OnStop,
-    Policy, PolicySource, Workload,
+    GroupRef, GroupSetting, HOST_WORKLOAD, LimitsSettings, MAX_WORKLOADS, MetricsSettings,
+    ObserveSettings, OnFull, OnStop, Policy, PolicySource, Workload,
 };
 use crate::raw::{
     RawAllow, RawControl, RawDns, RawDuration, RawGroup, RawMetrics, RawObserve, RawPolicy,
@@ -151,6 +151,12 @@ impl Compiler<'_> {
             .and_then(|value| self.value(value, |s| s.parse::<OnStop>()))
             .unwrap_or_default();
         let control = self.control(raw.control);
+        let on_full = raw
+            .limits
+            .on_full
+            .as_ref()
+            .and_then(|value| self.value(value, |s| s.parse::<OnFull>()))
+            .unwrap_or_default();
         let workloads = self.workloads(raw.workloads);
         Policy {
             mode,
@@ -160,6 +166,7 @@ impl Compiler<'_> {
             observe,
             daemon: DaemonSettings { on_stop },
             control,
+            limits: LimitsSettings { on_full },
             workloads,
             source,
         }

@@ -29,6 +29,7 @@ pub struct Policy {
     pub observe: ObserveSettings,
     pub daemon: DaemonSettings,
     pub control: ControlSettings,
+    pub limits: LimitsSettings,
     pub workloads: Vec<Workload>,
     pub source: PolicySource,
 }
@@ -59,6 +60,56 @@ impl std::str::FromStr for OnStop {
                 "invalid on_stop {other:?}: expected \"keep\" or \"detach\""
             )),
         }
+    }
+}
+
+/// `[limits]`: what happens when a kernel map that fills at run time has no room.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LimitsSettings {
+    pub on_full: OnFull,
+}
+
+/// What a strict workload gets when a map it needs is full: today the learned addresses of
+/// its FQDN rules (`fqdn_addresses`). Maps that only the policy fills (allow, deny, fqdn,
+/// cgroups at load) never take part: a policy that does not fit is refused whatever this
+/// says.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OnFull {
+    /// Fail closed: a connection to an address that could not be stored is refused
+    /// (reported as denied, counted).
+    #[default]
+    Deny,
+    /// Fail open for the workload concerned, loudly: while some of its learned addresses
+    /// could not be stored, the strict workload runs as audit (refusals become `would_deny`
+    /// events), and goes back to strict once they are stored or expire.
+    Allow,
+}
+
+impl OnFull {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnFull::Deny => "deny",
+            OnFull::Allow => "allow",
+        }
+    }
+}
+
+impl std::str::FromStr for OnFull {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "deny" => Ok(OnFull::Deny),
+            "allow" => Ok(OnFull::Allow),
+            other => Err(format!(
+                "invalid on_full {other:?}: expected \"deny\" or \"allow\""
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for OnFull {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

@@ -20,6 +20,7 @@ pub(crate) struct RawPolicy {
     pub observe: RawObserve,
     pub daemon: RawDaemon,
     pub control: RawControl,
+    pub limits: RawLimits,
     #[serde(rename = "workload")]
     pub workloads: Vec<Spanned<RawWorkload>>,
 }
@@ -42,6 +43,12 @@ pub(crate) struct RawMetrics {
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct RawDaemon {
     pub on_stop: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct RawLimits {
+    pub on_full: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -1068,6 +1068,29 @@ fn daemon_on_stop_defaults_to_keep() {
 }
 
 #[test]
+fn limits_on_full_defaults_to_deny() {
+    assert_eq!(ok("").limits.on_full, OnFull::Deny);
+    assert_eq!(
+        ok("[limits]\non_full = \"allow\"\n").limits.on_full,
+        OnFull::Allow
+    );
+    assert_eq!(
+        ok("[limits]\non_full = \"deny\"\n").limits.on_full,
+        OnFull::Deny
+    );
+    assert_error(
+        "[limits]\non_full = \"open\"\n",
+        "\"open\"",
+        "invalid on_full \"open\": expected \"deny\" or \"allow\"",
+    );
+    assert_error(
+        "[limits]\nallow_entries = 3\n",
+        "allow_entries",
+        "unknown field `allow_entries`",
+    );
+}
+
+#[test]
 fn control_read_group_by_name_or_gid() {
     assert_eq!(ok("").control, ControlSettings::default());
     let text = "mode = \"strict\"\n\n[control]\nread_group = \"egressd-readers\"\n";

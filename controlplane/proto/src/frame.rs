@@ -15,6 +15,11 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt};
 /// Large enough for a status report of thousands of workloads; requests are far smaller.
 pub const MAX_FRAME: usize = 8 * 1024 * 1024;
 
+/// Largest request the daemon reads, in bytes, not counting its newline: the longest
+/// request (a mode switch naming a workload) is under 200 bytes, so each client costs the
+/// daemon at most this much buffer.
+pub const MAX_REQUEST: usize = 64 * 1024;
+
 /// What can go wrong reading or writing a frame. Every message is complete in
 /// its `Display`.
 #[derive(Debug, thiserror::Error)]
@@ -22,7 +27,8 @@ pub enum ProtoError {
     /// The socket failed (including read timeouts).
     #[error("control socket: {0}")]
     Io(io::Error),
-    /// A line longer than [`MAX_FRAME`] bytes, read or about to be written.
+    /// A line longer than [`MAX_FRAME`] bytes (or the reader's own limit), read or about
+    /// to be written.
     #[error("frame longer than {limit} bytes")]
     FrameTooLarge { limit: usize },
     /// The line is not valid JSON for the expected type; carries serde's message.
@@ -56,13 +62,13 @@ fn decode<T: DeserializeOwned>(line: &[u8]) -> Result<T, ProtoError> {
 
 /// Moves the next part of a line from `available` into `line`. Returns how many
 /// bytes to consume and whether the line is complete (its newline consumed).
-fn scan(line: &mut Vec<u8>, available: &[u8]) -> Result<(usize, bool), ProtoError> {
+fn scan(line: &mut Vec<u8>, available: &[u8], limit: usize) -> Result<(usize, bool), ProtoError> {
     let (part, consumed, complete) = match available.iter().position(|&b| b == b'\n') {
         Some(newline) => (&available[..newline], newline + 1, true),
         None => (available, available.len(), false),
     };
-    if line.len() + part.len() > MAX_FRAME {
-        return Err(ProtoError::FrameTooLarge { limit: MAX_FRAME });
+    if line.len() + part.len() > limit {
+        return Err(ProtoError::FrameTooLarge { limit });
     }
     line.extend_from_slice(part);
     Ok((consumed, complete))
@@ -89,7 +95,7 @@ pub fn read_frame<R: BufRead, T: DeserializeOwned>(
         if available.is_empty() {
             return finish(&line);
         }
-        let (consumed, complete) = scan(&mut line, available)?;
+        let (consumed, complete) = scan(&mut line, available, MAX_FRAME)?;
         reader.consume(consumed);
         if complete {
             return decode(&line).map(Some);
@@ -117,13 +123,28 @@ where
     R: AsyncBufRead + Unpin,
     T: DeserializeOwned,
 {
+    read_frame_async_limited(reader, MAX_FRAME).await
+}
+
+/// [`read_frame_async`] with a smaller limit than [`MAX_FRAME`] (the daemon reads requests
+/// with [`MAX_REQUEST`]): a longer line fails with [`ProtoError::FrameTooLarge`] once
+/// `limit` bytes are buffered, however much the peer sends.
+pub async fn read_frame_async_limited<R, T>(
+    reader: &mut R,
+    limit: usize,
+) -> Result<Option<T>, ProtoError>
+where
+    R: AsyncBufRead + Unpin,
+    T: DeserializeOwned,
+{
+    let limit = limit.min(MAX_FRAME);
     let mut line = Vec::new();
     loop {
         let available = reader.fill_buf().await?;
         if available.is_empty() {
             return finish(&line);
         }
-        let (consumed, complete) = scan(&mut line, available)?;
+        let (consumed, complete) = scan(&mut line, available, limit)?;
         reader.consume(consumed);
         if complete {
             return decode(&line).map(Some);
@@ -314,6 +335,27 @@ mod tests {
                 .await
                 .expect_err("bad");
             assert!(err.to_string().contains("unknown variant `foo`"), "{err}");
+        });
+    }
+
+    #[test]
+    fn a_smaller_limit_stops_reading_sooner() {
+        runtime().block_on(async {
+            let mut line = br#"{"request":"status"}"#.to_vec();
+            line.resize(MAX_REQUEST, b' ');
+            line.push(b'\n');
+            let got: Option<Request> = read_frame_async_limited(&mut &line[..], MAX_REQUEST)
+                .await
+                .expect("fits");
+            assert_eq!(got, Some(Request::Status));
+            line.insert(0, b' ');
+            let err = read_frame_async_limited::<_, Request>(&mut &line[..], MAX_REQUEST)
+                .await
+                .expect_err("too large");
+            assert!(
+                matches!(err, ProtoError::FrameTooLarge { limit: MAX_REQUEST }),
+                "{err}"
+            );
         });
     }
 

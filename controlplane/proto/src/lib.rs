@@ -13,7 +13,8 @@ mod frame;
 mod messages;
 
 pub use frame::{
-    MAX_FRAME, ProtoError, read_frame, read_frame_async, write_frame, write_frame_async,
+    MAX_FRAME, MAX_REQUEST, ProtoError, read_frame, read_frame_async, read_frame_async_limited,
+    write_frame, write_frame_async,
 };
 pub use messages::*;
 

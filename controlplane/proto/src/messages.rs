@@ -219,6 +219,72 @@ pub struct StatusReport {
     /// Absent from daemons that predate the observation store.
     #[serde(default)]
     pub observe: Option<ObserveStatus>,
+    /// `[limits]` and what does not fit in the kernel's maps now. Absent from daemons that
+    /// predate it.
+    #[serde(default)]
+    pub limits: Option<LimitsStatus>,
+    /// Refusal events folded by the rate limit. Absent from daemons that predate it.
+    #[serde(default)]
+    pub events: Option<EventsStatus>,
+}
+
+/// `[limits]` and the kernel maps that had no room for something a workload needs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitsStatus {
+    /// `[limits] on_full`: `deny` or `allow`.
+    pub on_full: String,
+    /// What does not fit now: one entry per map and workload (empty when all is stored).
+    pub overflows: Vec<MapOverflow>,
+    /// Learned addresses the daemon could not store since it started, counted each time
+    /// (the kernel's own failures are `datapath.fqdn_insert_failures`).
+    pub fqdn_store_failures: u64,
+    /// Cgroups that found no room in the cgroup table since the daemon started, counted
+    /// once each time they are left out.
+    pub cgroup_store_failures: u64,
+}
+
+/// Entries of one workload that one kernel map has no room for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapOverflow {
+    /// `fqdn_addresses` or `workload_cgroups`.
+    pub map: String,
+    /// What the map holds at most.
+    pub capacity: u64,
+    pub workload: String,
+    /// How many of the workload's entries (addresses, cgroups) are not stored.
+    pub entries: u64,
+    /// RFC 3339: since when some are not.
+    pub since: String,
+    /// What this does to the workload's traffic, in one sentence.
+    pub effect: String,
+    /// A few of them: addresses or cgroup paths.
+    pub examples: Vec<String>,
+}
+
+/// The rate limit on refusal events (`denied`, `would_deny`): per workload and destination,
+/// and per workload. What it holds back is counted in the next event of the same kind and
+/// destination (its `suppressed` field) and here.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventsStatus {
+    /// The limit, in words.
+    pub limit: String,
+    /// Refusal events reported since the daemon started.
+    pub published: u64,
+    /// Refusal events held back since the daemon started; each is counted in the
+    /// `suppressed` field of a later event, or in `unreported`.
+    pub suppressed: u64,
+    /// Held-back events whose count no event carries (their destination had to be
+    /// forgotten to bound memory): counted only here and in the metrics.
+    pub unreported: u64,
+    /// `suppressed` per workload, most first.
+    pub by_workload: Vec<WorkloadEvents>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkloadEvents {
+    pub workload: String,
+    pub published: u64,
+    pub suppressed: u64,
 }
 
 /// The policy in force and the outcome of the last reload.
@@ -291,6 +357,11 @@ pub struct WorkloadStatus {
     pub cidr_rules: usize,
     pub fqdn_rules: usize,
     pub raw_sockets: bool,
+    /// The mode the kernel enforces when it is not `mode`: `audit` while `[limits] on_full
+    /// = "allow"` lets a strict workload through because some of its learned addresses do
+    /// not fit (see `limits.overflows`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_mode: Option<Mode>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -376,6 +447,15 @@ pub struct EventRecord {
     /// The name a recent DNS answer gave for the destination, when one did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns_name: Option<String>,
+    /// Events of the same kind, workload, protocol and destination that the rate limit
+    /// held back since the previous one reported: this record stands for `1 + suppressed`
+    /// events. Absent when 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub suppressed: u64,
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
 }
 
 /// Names resolved through FQDN rules (`egressctl dns`).
@@ -467,6 +547,7 @@ pub(crate) mod tests {
             hook: "connect4".into(),
             mode: Mode::Strict,
             dns_name: None,
+            suppressed: 0,
         }
     }
 
@@ -499,6 +580,7 @@ pub(crate) mod tests {
                 cidr_rules: 2,
                 fqdn_rules: 1,
                 raw_sockets: false,
+                kernel_mode: None,
             }],
             datapath: DatapathStatus {
                 cgroup_root: "/sys/fs/cgroup".into(),
@@ -519,6 +601,8 @@ pub(crate) mod tests {
                 fqdn_insert_failures: 0,
             },
             observe: None,
+            limits: None,
+            events: None,
         }
     }
 
@@ -554,9 +638,38 @@ pub(crate) mod tests {
         new_destination.source = None;
         let mut would_deny = sample_event();
         would_deny.kind = EventKind::WouldDeny;
+        would_deny.suppressed = 41;
+        let mut limited = sample_status();
+        limited.workloads[0].kernel_mode = Some(Mode::Audit);
+        limited.limits = Some(LimitsStatus {
+            on_full: "allow".into(),
+            overflows: vec![MapOverflow {
+                map: "fqdn_addresses".into(),
+                capacity: 131_072,
+                workload: "vendor-agent".into(),
+                entries: 3,
+                since: "2026-11-23T09:40:00Z".into(),
+                effect: "runs as audit".into(),
+                examples: vec!["127.0.0.9".into()],
+            }],
+            fqdn_store_failures: 3,
+            cgroup_store_failures: 0,
+        });
+        limited.events = Some(EventsStatus {
+            limit: "5 then 1/s".into(),
+            published: 7,
+            suppressed: 1000,
+            unreported: 0,
+            by_workload: vec![WorkloadEvents {
+                workload: "vendor-agent".into(),
+                published: 7,
+                suppressed: 1000,
+            }],
+        });
         vec![
             Response::Status(Box::new(sample_status())),
             Response::Status(Box::new(no_error)),
+            Response::Status(Box::new(limited)),
             Response::Done {
                 message: "reloaded".into(),
             },
@@ -619,6 +732,10 @@ pub(crate) mod tests {
             serde_json::json!({"response": "end_of_events"})
         );
         let event = serde_json::to_value(Response::Event(sample_event())).expect("serialize");
+        assert!(
+            event.get("suppressed").is_none(),
+            "absent when nothing was held back: {event}"
+        );
         assert_eq!(event["response"], "event");
         assert_eq!(event["kind"], "denied");
         assert_eq!(event["mode"], "strict");

@@ -82,7 +82,16 @@ pub fn format_event(event: &EventRecord) -> String {
         clean(&event.comm),
         event.reason,
         event.hook,
-    )
+    ) + &held_back(event.suppressed)
+}
+
+/// ` +N like it held back` when the daemon's rate limit folded refusals into this one.
+fn held_back(suppressed: u64) -> String {
+    if suppressed > 0 {
+        format!(" +{suppressed} like it held back")
+    } else {
+        String::new()
+    }
 }
 
 #[cfg(test)]
@@ -108,6 +117,7 @@ mod tests {
             hook: "connect4".into(),
             mode: Mode::Strict,
             dns_name: None,
+            suppressed: 0,
         }
     }
 
@@ -117,6 +127,17 @@ mod tests {
             format_event(&event()),
             "2026-11-23T10:00:00.123Z DENIED vendor-agent tcp 10.0.0.1:5555 -> 127.0.0.9:80 \
              pid=123 comm=curl (no_rule, connect4)"
+        );
+    }
+
+    #[test]
+    fn held_back_refusals_are_counted_on_the_line() {
+        let mut event = event();
+        event.suppressed = 999;
+        assert!(
+            format_event(&event).ends_with("(no_rule, connect4) +999 like it held back"),
+            "{}",
+            format_event(&event)
         );
     }
 

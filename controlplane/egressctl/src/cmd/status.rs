@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::process::ExitCode;
 
-use egressd_proto::{ModeSource, ObserveStatus, Request, Response, StatusReport};
+use egressd_proto::{LimitsStatus, ModeSource, ObserveStatus, Request, Response, StatusReport};
 
 use crate::client::{Client, TIMEOUT, unexpected};
 use crate::text::{clean, print_report, table};
@@ -81,7 +81,10 @@ fn write_status(out: &mut String, report: &StatusReport) -> std::fmt::Result {
             .map(|workload| {
                 vec![
                     clean(&workload.name).into_owned(),
-                    workload.mode.to_string(),
+                    match workload.kernel_mode {
+                        Some(kernel) => format!("{} (kernel: {kernel}, map full)", workload.mode),
+                        None => workload.mode.to_string(),
+                    },
                     workload.mode_source.to_string(),
                     workload.cgroups.len().to_string(),
                     format!("{}/{}", workload.cidr_rules, workload.fqdn_rules),
@@ -162,13 +165,57 @@ fn write_status(out: &mut String, report: &StatusReport) -> std::fmt::Result {
             map.capacity
         )?;
     }
+    let on_full_allow = report
+        .limits
+        .as_ref()
+        .is_some_and(|limits| limits.on_full == "allow");
     if datapath.fqdn_insert_failures > 0 {
         writeln!(
             out,
-            "warning:      {} learned addresses could not be stored (map full): connections to \
-             them are refused in strict mode",
-            datapath.fqdn_insert_failures
+            "warning:      {} learned addresses could not be stored (map full): {}",
+            datapath.fqdn_insert_failures,
+            if on_full_allow {
+                "strict workloads run as audit while theirs do not fit (on_full = \"allow\")"
+            } else {
+                "connections to them are refused in strict mode"
+            }
         )?;
+    }
+    if let Some(limits) = &report.limits {
+        write_limits(out, limits)?;
+    }
+    if let Some(events) = &report.events
+        && (events.suppressed > 0 || events.unreported > 0)
+    {
+        writeln!(
+            out,
+            "events:       {} refusals reported, {} more held back by the rate limit ({}){}",
+            events.published,
+            events.suppressed,
+            clean(&events.limit),
+            if events.unreported > 0 {
+                format!(
+                    "; {} of them are counted only here (their destinations were forgotten)",
+                    events.unreported
+                )
+            } else {
+                String::new()
+            }
+        )?;
+        for workload in events
+            .by_workload
+            .iter()
+            .filter(|w| w.suppressed > 0)
+            .take(5)
+        {
+            writeln!(
+                out,
+                "              {}: {} reported, {} held back",
+                clean(&workload.workload),
+                workload.published,
+                workload.suppressed
+            )?;
+        }
     }
     if let Some(pin_dir) = &datapath.pin_dir {
         writeln!(
@@ -184,6 +231,35 @@ fn write_status(out: &mut String, report: &StatusReport) -> std::fmt::Result {
     }
     if let Some(observe) = &report.observe {
         write_observe(out, observe)?;
+    }
+    Ok(())
+}
+
+fn write_limits(out: &mut String, limits: &LimitsStatus) -> std::fmt::Result {
+    for overflow in &limits.overflows {
+        let what = match overflow.map.as_str() {
+            "fqdn_addresses" => "learned addresses",
+            "workload_cgroups" => "cgroups",
+            _ => "entries",
+        };
+        writeln!(
+            out,
+            "!! MAP FULL:  {} ({} entries): {} {what} of workload {} do not fit, since {}: {}",
+            clean(&overflow.map),
+            overflow.capacity,
+            overflow.entries,
+            clean(&overflow.workload),
+            overflow.since,
+            clean(&overflow.effect)
+        )?;
+        if !overflow.examples.is_empty() {
+            let examples: Vec<String> = overflow
+                .examples
+                .iter()
+                .map(|example| clean(example).into_owned())
+                .collect();
+            writeln!(out, "!!            e.g. {}", examples.join(", "))?;
+        }
     }
     Ok(())
 }
@@ -274,6 +350,7 @@ mod tests {
                     cidr_rules: 2,
                     fqdn_rules: 1,
                     raw_sockets: false,
+                    kernel_mode: None,
                 },
                 WorkloadStatus {
                     name: "host".into(),
@@ -285,6 +362,7 @@ mod tests {
                     cidr_rules: 10,
                     fqdn_rules: 0,
                     raw_sockets: true,
+                    kernel_mode: None,
                 },
             ],
             datapath: DatapathStatus {
@@ -322,6 +400,8 @@ mod tests {
                 kernel_flow_insert_failures: 3,
                 recovered_from_events: 2,
             }),
+            limits: None,
+            events: None,
         }
     }
 
@@ -378,6 +458,50 @@ warning:      3 flow summaries or events were lost in the kernel: some destinati
         );
         assert!(text.contains("\nno workloads\n"), "{text}");
         assert!(text.contains("warning:      4 events were lost"), "{text}");
+    }
+
+    #[test]
+    fn full_maps_and_held_back_events_are_shown() {
+        let mut report = report();
+        report.workloads[0].kernel_mode = Some(Mode::Audit);
+        report.limits = Some(LimitsStatus {
+            on_full: "allow".into(),
+            overflows: vec![egressd_proto::MapOverflow {
+                map: "fqdn_addresses".into(),
+                capacity: 4,
+                workload: "vendor-agent".into(),
+                entries: 2,
+                since: "2026-11-23T09:40:00Z".into(),
+                effect: "the workload runs as audit".into(),
+                examples: vec!["127.0.0.9".into(), "127.0.0.10".into()],
+            }],
+            fqdn_store_failures: 2,
+            cgroup_store_failures: 0,
+        });
+        report.events = Some(egressd_proto::EventsStatus {
+            limit: "5 then 1/s".into(),
+            published: 6,
+            suppressed: 994,
+            unreported: 0,
+            by_workload: vec![egressd_proto::WorkloadEvents {
+                workload: "vendor-agent".into(),
+                published: 6,
+                suppressed: 994,
+            }],
+        });
+        let text = format_status(&report);
+        for expected in [
+            "vendor-agent  strict (kernel: audit, map full)  command",
+            "warning:      2 learned addresses could not be stored (map full): strict workloads \
+             run as audit while theirs do not fit (on_full = \"allow\")",
+            "!! MAP FULL:  fqdn_addresses (4 entries): 2 learned addresses of workload \
+             vendor-agent do not fit, since 2026-11-23T09:40:00Z: the workload runs as audit\n\
+             !!            e.g. 127.0.0.9, 127.0.0.10\n",
+            "events:       6 refusals reported, 994 more held back by the rate limit (5 then \
+             1/s)\n              vendor-agent: 6 reported, 994 held back\n",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in\n{text}");
+        }
     }
 
     #[test]
