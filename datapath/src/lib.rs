@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, ProgramArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, ProgramArray, RingBuf},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, ProgramError,
         SockOps,
@@ -369,6 +369,8 @@ pub struct Datapath {
     /// Learned addresses the daemon wrote (the kernel may hold more, briefly, from answers the
     /// daemon has not read yet).
     installed_fqdn_addresses: BTreeSet<(u32, [u8; 16])>,
+    /// Learned addresses carried over from another layout's pins at load.
+    migrated_fqdn_addresses: usize,
     settings: Settings,
     /// What each map that can fill holds at most, as the kernel says.
     capacity: capacity::Capacities,
@@ -466,8 +468,13 @@ impl Datapath {
         let fqdn = HashMap::try_from(map).map_err(map_err("FQDN", "opening"))?;
         let map = maps.take("FQDN_ADDRESSES")?;
         capacity.fqdn_addresses = capacity::of(&map, declared.fqdn_addresses);
-        let fqdn_addresses =
+        let mut fqdn_addresses =
             HashMap::try_from(map).map_err(map_err("FQDN_ADDRESSES", "opening"))?;
+        // Before our programs attach: they must not refuse what the old ones allow.
+        let migrated_fqdn_addresses = match (&pins, adopted) {
+            (Some(pins), false) => migrate_fqdn_addresses(pins, &mut fqdn_addresses),
+            _ => BTreeSet::new(),
+        };
         let map = maps.take("RESOLVERS")?;
         capacity.resolvers = capacity::of(&map, declared.resolvers);
         let resolvers = HashMap::try_from(map).map_err(map_err("RESOLVERS", "opening"))?;
@@ -551,7 +558,8 @@ impl Datapath {
             installed_workloads: BTreeMap::new(),
             installed_fqdn: BTreeMap::new(),
             installed_resolvers: BTreeSet::new(),
-            installed_fqdn_addresses: BTreeSet::new(),
+            migrated_fqdn_addresses: migrated_fqdn_addresses.len(),
+            installed_fqdn_addresses: migrated_fqdn_addresses,
             settings,
             capacity,
         };
@@ -569,6 +577,12 @@ impl Datapath {
     /// Whether the maps (and the policy in them) were adopted from pins of an earlier daemon.
     pub fn adopted(&self) -> bool {
         self.adopted
+    }
+
+    /// Learned addresses carried over from the pins of another layout version (see
+    /// [`migrate_fqdn_addresses`]); 0 when the maps were adopted or new.
+    pub fn migrated_fqdn_addresses(&self) -> usize {
+        self.migrated_fqdn_addresses
     }
 
     /// Detaches the programs of earlier daemons found at `load`; call once this daemon's
@@ -1594,6 +1608,59 @@ fn try_load_cgroup_skb(ebpf: &mut Ebpf, name: &'static str) -> Result<(), Datapa
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
+/// Copies the addresses learned from DNS answers out of the pins of another layout version
+/// into this daemon's new map, before its programs attach. Everything else of another
+/// layout is rebuilt from the policy, but these came from answers the new daemon never saw:
+/// without them, a connection to an address a workload resolved before the upgrade would be
+/// refused until it resolves again. Only a pin whose map type and key and value sizes match
+/// this layout's is read (aya checks them when the map is opened); any other is left alone,
+/// never misread. Returns the `{workload, address}` pairs copied.
+fn migrate_fqdn_addresses(
+    pins: &pins::PinDir,
+    target: &mut HashMap<MapData, AllowKey, AllowValue>,
+) -> BTreeSet<(u32, [u8; 16])> {
+    let mut migrated = BTreeSet::new();
+    for path in pins.other_layout_maps("FQDN_ADDRESSES") {
+        let old = MapData::from_pin(&path)
+            .and_then(Map::from_map_data)
+            .and_then(HashMap::<MapData, AllowKey, AllowValue>::try_from);
+        let old = match old {
+            Ok(old) => old,
+            Err(e) => {
+                log::info!(
+                    "learned addresses in {} are not carried over (their layout differs: {e}); \
+                     they are learned again from the next answers",
+                    path.display()
+                );
+                continue;
+            }
+        };
+        for entry in old.iter() {
+            let Ok((key, value)) = entry else {
+                continue;
+            };
+            match target.insert(key, value, 0) {
+                Ok(()) => {
+                    migrated.insert((u32::from_be_bytes(key.workload_be), key.addr));
+                }
+                Err(e) => {
+                    log::warn!(
+                        "carrying over a learned address from {}: {e}",
+                        path.display()
+                    );
+                    break;
+                }
+            }
+        }
+        log::info!(
+            "carried over {} learned addresses from {}",
+            migrated.len(),
+            path.display()
+        );
+    }
+    migrated
+}
+
 fn raise_memlock_limit() {
     let unlimited = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,

@@ -136,6 +136,20 @@ impl PinDir {
         self.map("SETTINGS").exists()
     }
 
+    /// The pins of map `name` in the folders of other layout versions (an older or newer
+    /// egressd's), for the few maps whose contents can be carried over when their key and
+    /// value sizes still match.
+    pub(crate) fn other_layout_maps(&self, name: &str) -> Vec<PathBuf> {
+        let current = self.version_dir(self.layout);
+        self.version_dirs()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|version| *version != current)
+            .map(|version| version.join("maps").join(name))
+            .filter(|path| path.exists())
+            .collect()
+    }
+
     /// Every link pin left by earlier daemons, of any layout version, opened so that they
     /// stay attached until [`PinDir::retire`].
     pub(crate) fn previous_links(&self) -> Result<Vec<PinnedLink>, PinError> {

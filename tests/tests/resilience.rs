@@ -169,7 +169,13 @@ fn privileged_pins_of_another_layout_are_replaced_without_a_gap() {
     let allowed = TcpServer::bind("127.0.0.2");
     let refused = TcpTarget::bind("127.0.0.4");
     let named = TcpTarget::bind("127.0.0.5");
+    let dnsmasq = Dnsmasq::builder(RESOLVER).host(NAME, "127.0.0.5").start();
     let mut daemon = Daemon::start(&policy(&cgroup, &allowed, named.port));
+    run_probe_in(
+        &cgroup,
+        &["resolve-connect", RESOLVER, NAME, &named.port_str()],
+    )
+    .assert_ok("the name, learned before the upgrade");
     let connect_loop = Loop::start(&cgroup, daemon.dir(), &allowed, &refused);
     std::thread::sleep(Duration::from_millis(300));
     let (status, _) = daemon.stop().expect("the daemon was running");
@@ -194,8 +200,13 @@ fn privileged_pins_of_another_layout_are_replaced_without_a_gap() {
         status["datapath"]["adopted"], false,
         "maps of another layout are never opened: {status}"
     );
+    // The learned address was carried over: the workload's cached address still works
+    // without a new lookup.
+    run_probe_in(&cgroup, &["tcp-connect", "127.0.0.5", &named.port_str()])
+        .assert_ok("an address learned under the old layout, without resolving again");
     std::thread::sleep(Duration::from_millis(300));
     connect_loop.finish("replacing a pin set of another layout");
+    drop(dnsmasq);
     let left: Vec<_> = std::fs::read_dir(daemon.pin_dir())
         .expect("list the pin dir")
         .flatten()

@@ -100,7 +100,9 @@ impl Engine {
         let policy = engine.policy.clone();
         engine.install(&policy)?;
         engine.sync_limit_modes();
-        if engine.datapath.adopted() {
+        // Addresses learned by the previous daemon (same layout: adopted maps; another
+        // layout: carried over) are held like answers just seen, until answers renew them.
+        if engine.datapath.adopted() || engine.datapath.migrated_fqdn_addresses() > 0 {
             let hold = policy.dns.min_ttl + policy.dns.grace;
             let until = Instant::now() + hold;
             engine.inherited_addresses = engine
@@ -112,7 +114,7 @@ impl Engine {
             tracing::info!(
                 learned_addresses = engine.inherited_addresses.len(),
                 hold_secs = hold.as_secs(),
-                "adopted the pinned maps of the previous egressd"
+                "holding the addresses the previous egressd learned until answers renew them"
             );
         }
         Ok(engine)
