@@ -27,6 +27,7 @@ mod cgroup;
 mod daemon;
 mod dns;
 mod handoff;
+pub mod metrics;
 mod net;
 mod policy;
 mod probe;

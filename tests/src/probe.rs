@@ -1,6 +1,6 @@
 //! Running `egressd-probe` inside a test cgroup and reading its report.
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::fmt;
 use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
@@ -151,21 +151,30 @@ pub fn spawn_probe_in(cgroup: &TestCgroup, args: &[&str]) -> RunningProbe {
         .expect("a cgroup path has no NUL byte");
     let mut command = Command::new(probe_bin());
     // SAFETY: the closure runs between fork and exec and only makes
-    // async-signal-safe calls (open, write, close) on memory prepared before
-    // the fork; it allocates nothing.
+    // async-signal-safe calls on memory prepared before the fork.
     unsafe {
-        command.pre_exec(move || {
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-            if fd < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-            let err = io::Error::last_os_error();
-            libc::close(fd);
-            if written == 1 { Ok(()) } else { Err(err) }
-        });
+        command.pre_exec(move || enter_cgroup(&procs));
     }
     spawn(command, args, &format!("in {}", cgroup.path().display()))
+}
+
+/// Moves the calling process into the cgroup whose `cgroup.procs` is `procs`. For a forked
+/// child before `exec`: only async-signal-safe calls (open, write, close), no allocation.
+///
+/// # Safety
+/// Callable between fork and exec: it touches nothing but `procs` and the file it opens.
+pub(crate) unsafe fn enter_cgroup(procs: &CStr) -> io::Result<()> {
+    // SAFETY: `procs` is a valid C string; the fd is ours until closed below.
+    unsafe {
+        let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+        let err = io::Error::last_os_error();
+        libc::close(fd);
+        if written == 1 { Ok(()) } else { Err(err) }
+    }
 }
 
 /// Runs the probe inside `cgroup` and returns its report (bounded wait).

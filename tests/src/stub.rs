@@ -159,16 +159,7 @@ pub fn resolve_in(cgroup: &TestCgroup, libc: Libc, resolv_conf: &str, name: &str
     // calls (open, write, close, unshare, mount) on memory prepared before the fork.
     unsafe {
         command.pre_exec(move || {
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-            if fd < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-            let err = io::Error::last_os_error();
-            libc::close(fd);
-            if written != 1 {
-                return Err(err);
-            }
+            crate::probe::enter_cgroup(&procs)?;
             if libc::unshare(libc::CLONE_NEWNS) != 0 {
                 return Err(io::Error::last_os_error());
             }

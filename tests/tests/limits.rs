@@ -9,11 +9,10 @@
 //!
 //! Privileged: root, cgroup v2, built binaries (`cargo build --bins`), dnsmasq.
 
-use std::io::{Read as _, Write as _};
-use std::net::{TcpListener, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use egressd_tests::metrics::{free_port, scrape};
 use egressd_tests::{
     Daemon, DnsSettings, Dnsmasq, StopFile, TcpServer, TestCgroup, WorkloadSpec, allow, allow_fqdn,
     connect_counts, policy_toml, run_probe_in, spawn_connect_loop,
@@ -28,29 +27,8 @@ fn connect(cgroup: &TestCgroup, addr: &str, port: u16) -> egressd_tests::ProbeRe
     run_probe_in(cgroup, &["tcp-connect", addr, &port.to_string()])
 }
 
-/// A loopback port nobody listens on right now.
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("local addr").port()
-}
-
 fn with_metrics(policy: String, port: u16) -> String {
     format!("{policy}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n")
-}
-
-fn scrape(port: u16) -> String {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to the metrics port");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("read timeout");
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-        .expect("send the request");
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .expect("read the response");
-    response
 }
 
 /// The `limits.overflows` entry of `map` for the workload under test, if any.

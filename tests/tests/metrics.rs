@@ -3,10 +3,9 @@
 //!
 //! Privileged: root, cgroup v2, built binaries (`cargo build --bins`).
 
-use std::io::{Read as _, Write as _};
-use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
+use egressd_tests::metrics::{self, free_port};
 use egressd_tests::{
     Daemon, TcpTarget, TestCgroup, UdpTarget, WorkloadSpec, allow, policy_toml, run_probe_in,
     spawn_probe_in,
@@ -14,24 +13,8 @@ use egressd_tests::{
 
 const PROBE: &str = "probe";
 
-/// A loopback port nobody listens on right now.
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("local addr").port()
-}
-
 fn scrape(port: u16) -> String {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to the metrics port");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("read timeout");
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-        .expect("send the request");
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .expect("read the response");
+    let response = metrics::scrape(port);
     assert!(
         response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"),
         "{response}"

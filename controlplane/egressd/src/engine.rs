@@ -194,6 +194,7 @@ impl Engine {
         ids: &BTreeMap<String, u32>,
     ) -> (DatapathPolicy, BTreeMap<u32, Vec<String>>) {
         let workloads = Self::effective_workloads(policy);
+        let (resolvers, dns_search_domains) = effective_dns(policy);
         let table = self.cgroup_table(&workloads, ids);
         let mut by_workload: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
         for (&cgroup, &workload) in &table.kernel {
@@ -235,8 +236,8 @@ impl Engine {
                         protocol: rule.protocol,
                     })
                     .collect(),
-                resolvers: effective_resolvers(policy),
-                dns_search_domains: effective_search_domains(policy),
+                resolvers,
+                dns_search_domains,
                 deny: policy.defaults.deny.clone(),
                 unmatched,
             },
@@ -967,36 +968,40 @@ fn fqdn_rules(workloads: &[Workload], ids: &BTreeMap<String, u32>) -> Vec<egress
         .collect()
 }
 
-/// `dns.resolvers`, or the nameservers of /etc/resolv.conf when it names none.
-fn effective_resolvers(policy: &Policy) -> Vec<IpAddr> {
-    if !policy.dns.resolvers.is_empty() {
-        return policy.dns.resolvers.clone();
-    }
-    host_resolv_conf("no resolvers for fqdn rules")
-        .map(|config| config.nameservers.iter().map(IpAddr::from).collect())
-        .unwrap_or_default()
+/// `dns.resolvers` and `dns.search_domains`, each from the host's /etc/resolv.conf when the
+/// policy leaves it to it (the file is read once, and only then).
+fn effective_dns(policy: &Policy) -> (Vec<IpAddr>, Vec<String>) {
+    let needs_host = policy.dns.resolvers.is_empty() || policy.dns.search_domains.is_none();
+    let host = needs_host.then(host_resolv_conf).flatten();
+    let resolvers = if policy.dns.resolvers.is_empty() {
+        host.as_ref()
+            .map(|config| config.nameservers.iter().map(IpAddr::from).collect())
+            .unwrap_or_default()
+    } else {
+        policy.dns.resolvers.clone()
+    };
+    let search_domains = match &policy.dns.search_domains {
+        Some(domains) => domains.clone(),
+        None => host
+            .as_ref()
+            .map(|config| {
+                config
+                    .get_last_search_or_domain()
+                    .filter_map(|domain| {
+                        let pattern = egressd_policy::FqdnPattern::parse(domain).ok()?;
+                        (!pattern.is_wildcard()).then(|| pattern.name().to_owned())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+    };
+    (resolvers, search_domains)
 }
 
-/// `dns.search_domains`, or the search list of /etc/resolv.conf when the key is left out.
-fn effective_search_domains(policy: &Policy) -> Vec<String> {
-    if let Some(domains) = &policy.dns.search_domains {
-        return domains.clone();
-    }
-    host_resolv_conf("no search domains for dns_queries")
-        .map(|config| {
-            config
-                .get_last_search_or_domain()
-                .filter_map(|domain| {
-                    let pattern = egressd_policy::FqdnPattern::parse(domain).ok()?;
-                    (!pattern.is_wildcard()).then(|| pattern.name().to_owned())
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// The host's /etc/resolv.conf; `consequence` says what its absence means, in the warning.
-fn host_resolv_conf(consequence: &str) -> Option<resolv_conf::Config> {
+/// The host's /etc/resolv.conf, or None (with a warning) when it cannot be read.
+fn host_resolv_conf() -> Option<resolv_conf::Config> {
+    let consequence = "no resolvers for fqdn rules and no search domains for dns_queries \
+                       unless the policy names them";
     match std::fs::read("/etc/resolv.conf") {
         Ok(bytes) => match resolv_conf::Config::parse(&bytes) {
             Ok(config) => Some(config),
