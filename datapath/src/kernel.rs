@@ -66,9 +66,9 @@ const REQUIREMENTS: &[Requirement] = &[
         probe: Probe::Helper(ProgramType::CgroupSock, BpfHelper::BPF_FUNC_sk_storage_get),
     },
     Requirement {
-        feature: "socket-local storage in sockops programs",
+        feature: "bpf_sk_lookup_tcp in cgroup_skb programs",
         since: None,
-        probe: Probe::Helper(ProgramType::SockOps, BpfHelper::BPF_FUNC_sk_storage_get),
+        probe: Probe::Helper(ProgramType::CgroupSkb, BpfHelper::BPF_FUNC_sk_lookup_tcp),
     },
     Requirement {
         feature: "bpf_get_current_ancestor_cgroup_id in connect/sendmsg programs",

@@ -18,7 +18,6 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, ProgramArray, RingBuf},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, ProgramError,
-        SockOps,
         links::{FdLink, LinkError, PinnedLink},
     },
 };
@@ -1459,7 +1458,6 @@ type AttachPlan = Vec<(&'static str, AttachPoint)>;
 enum AttachPoint {
     SockAddr,
     Sock,
-    SockOps,
     Skb(CgroupSkbAttachType),
 }
 
@@ -1474,8 +1472,6 @@ fn load_all(ebpf: &mut Ebpf) -> Result<(AttachPlan, bool), DatapathError> {
     }
     loaded!(ebpf, CgroupSock, "sock_create");
     plan.push(("sock_create", AttachPoint::Sock));
-    loaded!(ebpf, SockOps, "sock_ops");
-    plan.push(("sock_ops", AttachPoint::SockOps));
     // Probed first: a refused load of the whole program would cost a full verifier run, and
     // kernels before 6.10 refuse bpf_get_current_pid_tgid in cgroup_skb programs.
     let sender_tasks = if kernel::cgroup_skb_knows_current_task() {
@@ -1547,10 +1543,6 @@ fn attach_all(
             AttachPoint::Sock => (
                 attach_owned!(ebpf, CgroupSock, name, |p| p.attach(cgroup, mode)),
                 format!("{name} (cgroup/{name})"),
-            ),
-            AttachPoint::SockOps => (
-                attach_owned!(ebpf, SockOps, name, |p| p.attach(cgroup, mode)),
-                format!("{name} (sockops)"),
             ),
             AttachPoint::Skb(attach_type) => (
                 attach_owned!(ebpf, CgroupSkb, name, |p| p.attach(

@@ -84,7 +84,7 @@ pub fn record_decision(key: &DestinationKey, verdict: u8, task: &Task, now: u64)
         if stats.connect_tid != task.tid {
             store(&mut stats.connect_tgid, task.tgid);
             store(&mut stats.connect_tid, task.tid);
-            stats.connect_comm = task.comm;
+            stats.connect_comm = task.comm();
         }
         return false;
     }
@@ -98,7 +98,7 @@ pub fn record_decision(key: &DestinationKey, verdict: u8, task: &Task, now: u64)
         last_seen_ns: now,
         connect_tgid: task.tgid,
         connect_tid: task.tid,
-        connect_comm: task.comm,
+        connect_comm: task.comm(),
         ..FlowStats::default()
     };
     *verdict_counter(fresh, verdict) = 1;
@@ -148,7 +148,7 @@ pub fn note_sender(
     key: &DestinationKey,
     tgid: u32,
     tid: u32,
-    comm: [u8; 16],
+    comm: impl FnOnce() -> [u8; 16],
 ) {
     if tid == 0 || state.sender_tid == tid {
         return;
@@ -159,6 +159,6 @@ pub fn note_sender(
         let stats = unsafe { &mut *stats };
         store(&mut stats.send_tgid, tgid);
         store(&mut stats.send_tid, tid);
-        stats.send_comm = comm;
+        stats.send_comm = comm();
     }
 }

@@ -17,13 +17,14 @@ mod verdict;
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+    bindings::{BPF_F_CURRENT_NETNS, bpf_sock, bpf_sock_tuple},
     helpers::generated::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
-        bpf_sk_fullsock, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+        bpf_sk_fullsock, bpf_sk_lookup_tcp, bpf_sk_release, bpf_skb_ancestor_cgroup_id,
+        bpf_skb_cgroup_id,
     },
-    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, sock_ops},
-    programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr},
+    programs::{SkBuffContext, SockAddrContext, SockContext},
 };
 use egressd_common::{
     event::{
@@ -141,6 +142,10 @@ fn check_sock_addr(ctx: &SockAddrContext, ipv6: bool, hook: u32) -> i32 {
             workload
         }
     };
+    if !is_sendmsg && let Some(state) = state.as_mut() {
+        // An accepted socket that connects anew (after AF_UNSPEC) no longer carries replies.
+        state.flags &= !SOCKET_FLAG_INBOUND;
+    }
     let Some(config) = workload_config(workload) else {
         return ALLOW;
     };
@@ -154,7 +159,7 @@ fn check_sock_addr(ctx: &SockAddrContext, ipv6: bool, hook: u32) -> i32 {
         if verdict == VERDICT_DENY {
             return REFUSE;
         }
-        flows::note_sender(state, &key, task.tgid, task.tid, task.comm);
+        flows::note_sender(state, &key, task.tgid, task.tid, || task.comm());
         return ALLOW;
     }
     let (verdict, reason) = evaluate(workload, &config, &flow);
@@ -169,7 +174,7 @@ fn check_sock_addr(ctx: &SockAddrContext, ipv6: bool, hook: u32) -> i32 {
     if let Some(state) = state {
         cache_verdict(state, &flow, settings.generation, verdict, reason);
         if is_sendmsg && verdict != VERDICT_DENY {
-            flows::note_sender(state, &key, task.tgid, task.tid, task.comm);
+            flows::note_sender(state, &key, task.tgid, task.tid, || task.comm());
         }
     }
     if verdict == VERDICT_DENY {
@@ -195,7 +200,7 @@ pub fn sock_create(ctx: SockContext) -> i32 {
             state.workload_generation = settings.generation;
             state.creator_tgid = task.tgid;
             state.creator_tid = task.tid;
-            state.creator_comm = task.comm;
+            verdict::write_current_comm(&mut state.creator_comm);
             state.flags |= SOCKET_FLAG_CREATED | egressd_common::socket::SOCKET_FLAG_RESOLVED;
         }
         None => count(COUNTER_STORAGE_FAILURES),
@@ -249,23 +254,6 @@ pub fn sock_create(ctx: SockContext) -> i32 {
     }
 }
 
-// ---- sock_ops: mark accepted connections, whose packets are replies ----
-
-#[sock_ops]
-pub fn sock_ops(ctx: SockOpsContext) -> u32 {
-    if ctx.op() == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
-        // SAFETY: the context pointer is valid for the program's run.
-        let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
-        if !sk.is_null() {
-            // SAFETY: sock_ops programs may pass a non-NULL ctx->sk to bpf_sk_storage_get.
-            if let Some(state) = unsafe { socket_state(sk.cast::<c_void>()) } {
-                state.flags |= SOCKET_FLAG_INBOUND;
-            }
-        }
-    }
-    1
-}
-
 // ---- egress: the per-packet backstop (raw and ping sockets, passed sockets, anything else) ----
 
 /// Where the current task is available (kernels from 6.10 allow `bpf_get_current_pid_tgid`
@@ -316,7 +304,20 @@ fn egress_packet<const WITH_TASK: bool>(ctx: &SkBuffContext) -> i32 {
         packet::parse(ctx)
     };
     // SAFETY: full is a full socket, which cgroup_skb may pass to bpf_sk_storage_get.
-    let Some(state) = (unsafe { socket_state(full.cast::<c_void>()) }) else {
+    let existing = unsafe { existing_socket_state(full.cast::<c_void>()) };
+    let Some(state) = (match existing {
+        Some(state) => Some(state),
+        // SAFETY: full is a valid full socket from the context.
+        None if tcp_fast_path && unsafe { accepted_before_storage(ctx, full) } => {
+            // SAFETY: as above.
+            if let Some(state) = unsafe { socket_state(full.cast::<c_void>()) } {
+                state.flags |= SOCKET_FLAG_INBOUND;
+            }
+            return ALLOW;
+        }
+        // SAFETY: as above.
+        None => unsafe { socket_state(full.cast::<c_void>()) },
+    }) else {
         count(COUNTER_STORAGE_FAILURES);
         return egress_without_state(ctx, &parsed.flow);
     };
@@ -379,13 +380,13 @@ fn egress_packet<const WITH_TASK: bool>(ctx: &SkBuffContext) -> i32 {
     };
     let mut flow = parsed.flow;
     flow.socket_type = socket_type as u8;
-    let task = Task {
-        tgid: state.creator_tgid,
-        tid: state.creator_tid,
-        comm: state.creator_comm,
+    let task = Task::recorded(
+        state.creator_tgid,
+        state.creator_tid,
+        state.creator_comm,
         // SAFETY: skb is the context.
-        cgroup_id: unsafe { bpf_skb_cgroup_id(skb) },
-    };
+        unsafe { bpf_skb_cgroup_id(skb) },
+    );
     report(
         &Decision {
             workload,
@@ -455,7 +456,7 @@ fn account_sent<const WITH_TASK: bool>(
         packet::carries_payload(ctx, parsed)
     };
     if carries_data {
-        flows::note_sender(state, &key, (pid_tgid >> 32) as u32, tid, [0; 16]);
+        flows::note_sender(state, &key, (pid_tgid >> 32) as u32, tid, || [0; 16]);
     }
 }
 
@@ -565,6 +566,11 @@ pub fn ingress(ctx: SkBuffContext) -> i32 {
         && protocol == u32::from(verdict::IPPROTO_TCP)
         && dst_port != dns::DNS_PORT
     {
+        // SAFETY: full is a valid full socket.
+        if unsafe { (*full).state } == TCP_LISTEN {
+            mark_listener(state, full);
+            return ALLOW;
+        }
         // Connected TCP: everything arriving is from the peer the verdict was cached for.
         if let Some(state) = state
             && receiving_flow(state)
@@ -588,6 +594,99 @@ pub fn ingress(ctx: SkBuffContext) -> i32 {
         dns_answer(&ctx, &parsed, full);
     }
     ALLOW
+}
+
+/// Marks a listening socket inbound when a connection request reaches it. Socket storage is
+/// cloned into each socket the listener accepts (`SOCKET_STATE` has `BPF_F_CLONE`), so every
+/// accepted connection is inbound from its first packet, and no program runs per connection
+/// for it.
+#[inline(always)]
+fn mark_listener(state: Option<&mut SocketState>, listener: *mut bpf_sock) {
+    if let Some(state) = state
+        && state.flags & SOCKET_FLAG_INBOUND != 0
+    {
+        return;
+    }
+    // SAFETY: a full socket, which cgroup_skb may pass to bpf_sk_storage_get.
+    match unsafe { socket_state(listener.cast::<c_void>()) } {
+        Some(state) => state.flags |= SOCKET_FLAG_INBOUND,
+        None => count(COUNTER_STORAGE_FAILURES),
+    }
+}
+
+/// Whether a TCP socket without storage is the accepted side of a connection: a listener
+/// owns its local address and port. Such sockets were accepted before this storage map
+/// existed (before egressd started, or before an upgrade to a new map layout), so no
+/// listener mark reached them; their packets are replies. Sockets created while egressd
+/// runs always have storage, so this guess is never made for them.
+///
+/// # Safety
+/// `sk` must be a full socket from the program's context.
+#[inline(always)]
+unsafe fn accepted_before_storage(ctx: &SkBuffContext, sk: *mut bpf_sock) -> bool {
+    // SAFETY: the caller vouches for sk; each read is one whole field of the context.
+    let (family, state, src_port) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*sk).family),
+            core::ptr::read_volatile(&raw const (*sk).state),
+            core::ptr::read_volatile(&raw const (*sk).src_port),
+        )
+    };
+    if state == TCP_LISTEN {
+        return false;
+    }
+    // Peer port 0 matches no established socket, so only a listener can be found.
+    let local_port = (src_port as u16).to_be();
+    let mut tuple = core::mem::MaybeUninit::<bpf_sock_tuple>::uninit();
+    let tuple_ptr = tuple.as_mut_ptr();
+    let size = if family == packet::AF_INET {
+        // SAFETY: as above; the v4 half of the tuple is written whole.
+        unsafe {
+            let v4 = &raw mut (*tuple_ptr).__bindgen_anon_1.ipv4;
+            (*v4).saddr = core::ptr::read_volatile(&raw const (*sk).dst_ip4);
+            (*v4).daddr = core::ptr::read_volatile(&raw const (*sk).src_ip4);
+            (*v4).sport = 0;
+            (*v4).dport = local_port;
+            core::mem::size_of_val(&*v4)
+        }
+    } else {
+        // SAFETY: as above; the v6 half of the tuple is written whole.
+        unsafe {
+            let v6 = &raw mut (*tuple_ptr).__bindgen_anon_1.ipv6;
+            // Constant indices: the verifier forbids arithmetic on socket pointers.
+            (*v6).saddr = [
+                core::ptr::read_volatile(&raw const (*sk).dst_ip6[0]),
+                core::ptr::read_volatile(&raw const (*sk).dst_ip6[1]),
+                core::ptr::read_volatile(&raw const (*sk).dst_ip6[2]),
+                core::ptr::read_volatile(&raw const (*sk).dst_ip6[3]),
+            ];
+            (*v6).daddr = [
+                core::ptr::read_volatile(&raw const (*sk).src_ip6[0]),
+                core::ptr::read_volatile(&raw const (*sk).src_ip6[1]),
+                core::ptr::read_volatile(&raw const (*sk).src_ip6[2]),
+                core::ptr::read_volatile(&raw const (*sk).src_ip6[3]),
+            ];
+            (*v6).sport = 0;
+            (*v6).dport = local_port;
+            core::mem::size_of_val(&*v6)
+        }
+    };
+    // SAFETY: the tuple's first `size` bytes are initialised; the returned socket is
+    // released before returning.
+    unsafe {
+        let listener = bpf_sk_lookup_tcp(
+            ctx.skb.skb.cast::<c_void>(),
+            tuple_ptr,
+            size as u32,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        );
+        if listener.is_null() {
+            return false;
+        }
+        bpf_sk_release(listener.cast::<c_void>());
+    }
+    true
 }
 
 /// Whether the socket's cached verdict is an allowed outbound flow of a workload.

@@ -1,7 +1,7 @@
 //! Every map the programs use. Userspace (`egressd-datapath`) takes each by its name.
 
 use aya_ebpf::{
-    btf_maps::SkStorage,
+    bindings::{BPF_F_CLONE, BPF_F_NO_PREALLOC, bpf_map_type::BPF_MAP_TYPE_SK_STORAGE},
     macros::{btf_map, map},
     maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
@@ -50,6 +50,36 @@ pub static DECISION_COUNTERS: PerCpuArray<u64> =
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);
 
-/// Per-socket workload, creator and cached verdict.
+/// Per-socket workload, creator and cached verdict. Cloned into the sockets a listener
+/// accepts, so that a listener marked inbound (on its first SYN) hands the mark to every
+/// connection it accepts without another program running per connection.
 #[btf_map]
-pub static SOCKET_STATE: SkStorage<SocketState> = SkStorage::new();
+pub static SOCKET_STATE: ClonedSkStorage<SocketState> = ClonedSkStorage::new();
+
+/// A BTF map definition of socket-local storage with `BPF_F_CLONE` (aya-ebpf's `SkStorage`
+/// fixes its flags to `BPF_F_NO_PREALLOC`). Only the loader reads the fields: each is a
+/// pointer type whose array length or pointee encodes the map's type, key, value, size and
+/// flags in BTF.
+#[repr(C)]
+pub struct ClonedSkStorage<T> {
+    r#type: *const [i32; BPF_MAP_TYPE_SK_STORAGE as usize],
+    key: *const i32,
+    value: *const T,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; BPF_F_NO_PREALLOC as usize | BPF_F_CLONE as usize],
+}
+
+// SAFETY: placeholder pointers the loader patches; never dereferenced from Rust.
+unsafe impl<T> Sync for ClonedSkStorage<T> {}
+
+impl<T> ClonedSkStorage<T> {
+    pub const fn new() -> Self {
+        ClonedSkStorage {
+            r#type: core::ptr::null(),
+            key: core::ptr::null(),
+            value: core::ptr::null(),
+            max_entries: core::ptr::null(),
+            map_flags: core::ptr::null(),
+        }
+    }
+}

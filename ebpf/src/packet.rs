@@ -69,7 +69,7 @@ fn parse_transport(ctx: &SkBuffContext, offset: usize, parsed: &mut Parsed) {
     }
 }
 
-const AF_INET: u32 = 2;
+pub const AF_INET: u32 = 2;
 
 /// An IPv6 address given as four network-order words (as contexts hold it), and the family
 /// it is judged as: an IPv4-mapped address is already the key its IPv4 address uses.

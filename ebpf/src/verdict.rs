@@ -70,20 +70,55 @@ impl Flow {
 pub struct Task {
     pub tgid: u32,
     pub tid: u32,
-    pub comm: [u8; 16],
+    /// Meaningful when `comm_known`; otherwise [`Task::comm`] asks the kernel, since most
+    /// decisions (a known destination, the same writer as before) never need the name.
+    comm: [u8; 16],
+    comm_known: bool,
     pub cgroup_id: u64,
 }
 
 impl Task {
+    /// The task running the program (process context).
     #[inline(always)]
     pub fn current(cgroup_id: u64) -> Self {
         let pid_tgid = bpf_get_current_pid_tgid();
         Task {
             tgid: (pid_tgid >> 32) as u32,
             tid: pid_tgid as u32,
-            comm: bpf_get_current_comm().unwrap_or([0; 16]),
+            comm: [0; 16],
+            comm_known: false,
             cgroup_id,
         }
+    }
+
+    /// A task known by what was recorded of it (softirq context: the socket's creator).
+    #[inline(always)]
+    pub fn recorded(tgid: u32, tid: u32, comm: [u8; 16], cgroup_id: u64) -> Self {
+        Task {
+            tgid,
+            tid,
+            comm,
+            comm_known: true,
+            cgroup_id,
+        }
+    }
+
+    #[inline(always)]
+    pub fn comm(&self) -> [u8; 16] {
+        if self.comm_known {
+            self.comm
+        } else {
+            bpf_get_current_comm().unwrap_or([0; 16])
+        }
+    }
+}
+
+/// Writes the current task's name straight into `dst` (a map value): no stack copy.
+#[inline(always)]
+pub fn write_current_comm(dst: &mut [u8; 16]) {
+    // SAFETY: dst is 16 writable bytes; the helper NUL-pads what it does not fill.
+    unsafe {
+        aya_ebpf::helpers::generated::bpf_get_current_comm(dst.as_mut_ptr().cast(), 16);
     }
 }
 
@@ -386,7 +421,7 @@ pub fn send_event(kind: u32, decision: &Decision, flow: &Flow, task: &Task) {
         dst_port: flow.dst_port,
         src_addr: flow.src,
         dst_addr: flow.dst,
-        comm: task.comm,
+        comm: task.comm(),
         protocol: flow.protocol,
         verdict: decision.verdict,
         family: flow.family,

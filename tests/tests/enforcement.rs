@@ -5,14 +5,15 @@
 //! Privileged: root, cgroup v2, built binaries (`cargo build --bins`). Each
 //! test starts its own egressd; [`Daemon::start`] runs them one at a time.
 
-use std::net::TcpStream;
+use std::io::Read as _;
+use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixListener;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use egressd_tests::{
     Daemon, EPERM, EVENT_TIMEOUT, TcpTarget, TestCgroup, UdpTarget, WorkloadSpec, allow,
-    allow_ping_sockets, connect_fd, policy_toml, receive_fd, run_probe, run_probe_in,
-    spawn_probe_in,
+    allow_ping_sockets, connect_fd, metrics::free_port, policy_toml, receive_fd, run_probe,
+    run_probe_in, spawn_probe_in,
 };
 use serde_json::Value;
 
@@ -459,4 +460,145 @@ fn privileged_on_stop_detach_ends_enforcement_with_the_daemon() {
     );
     run_probe_in(&cgroup, &["tcp-connect", "127.0.0.4", &refused.port_str()])
         .assert_ok("on_stop = detach: nothing is enforced once egressd stopped");
+}
+
+/// What a server in a strict workload sends back needs no rule: its replies go to whoever
+/// connected. Holds for a connection accepted before egressd started (no mark can have
+/// reached it; its listener identifies it) and for one accepted since (the listener's mark is
+/// cloned into it). An outbound connection the workload opened before egressd started, to a
+/// destination without a rule, is cut all the same.
+#[test]
+fn privileged_strict_answers_inbound_connections_accepted_before_and_after_start() {
+    const BYTES: usize = 262_144;
+    let cgroup = TestCgroup::new();
+    let scratch = tempfile::tempdir().expect("a scratch folder");
+    let go = scratch.path().join("go");
+    let outbound = TcpListener::bind("127.0.0.4:0").expect("listen on 127.0.0.4");
+    let outbound_port = outbound.local_addr().expect("local address").port();
+    let port = free_port();
+    let server = spawn_probe_in(
+        &cgroup,
+        &[
+            "tcp-serve",
+            "127.0.0.2",
+            &port.to_string(),
+            &BYTES.to_string(),
+            &go.display().to_string(),
+            "127.0.0.4",
+            &outbound_port.to_string(),
+        ],
+    );
+    let mut before = connect_bounded(("127.0.0.2", port));
+    outbound
+        .set_nonblocking(true)
+        .expect("non-blocking listener");
+    let mut outbound_stream = accept_bounded(&outbound);
+
+    // Nothing the test's client or the outbound listener use is allowed.
+    let daemon = Daemon::start(&strict(&[WorkloadSpec::new(PROBE, &cgroup).allow(allow(
+        "127.0.0.9",
+        &[9],
+        "tcp",
+    ))]));
+    std::fs::write(&go, b"").expect("write the go file");
+
+    assert_eq!(
+        read_to_end_bounded(&mut before),
+        BYTES,
+        "the connection accepted before egressd started gets the whole reply"
+    );
+    let mut after = connect_bounded(("127.0.0.2", port));
+    assert_eq!(
+        read_to_end_bounded(&mut after),
+        BYTES,
+        "a connection accepted under egressd gets the whole reply"
+    );
+    server.wait(Duration::from_secs(20)).assert_ok("tcp-serve");
+
+    outbound_stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("read timeout");
+    let mut buf = [0u8; 64];
+    match outbound_stream.read(&mut buf) {
+        Ok(n) => assert_eq!(
+            n, 0,
+            "the workload's own connection from before egressd started carries nothing"
+        ),
+        Err(err) => assert!(
+            matches!(
+                err.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "reading the outbound connection: {err}"
+        ),
+    }
+    let destination = format!("127.0.0.4:{outbound_port}");
+    let event = daemon.wait_for_event("the outbound write refused", EVENT_TIMEOUT, |event| {
+        is_event(event, "denied", &destination)
+    });
+    assert_eq!(event["hook"], "egress", "{event}");
+    let replies_refused: Vec<Value> = daemon
+        .events(1000)
+        .into_iter()
+        .filter(|event| {
+            event["verdict"] == "deny"
+                && event["destination"]
+                    .as_str()
+                    .is_some_and(|d| d.starts_with("127.0.0.1:"))
+        })
+        .collect();
+    assert!(
+        replies_refused.is_empty(),
+        "replies refused: {replies_refused:?}"
+    );
+}
+
+/// Connects within 10 s (the server may still be starting), with a 10 s read timeout.
+fn connect_bounded(addr: (&str, u16)) -> TcpStream {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match TcpStream::connect(addr) {
+            Ok(stream) => {
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(10)))
+                    .expect("read timeout");
+                return stream;
+            }
+            Err(err) if Instant::now() > deadline => panic!("connect to {addr:?}: {err}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+fn accept_bounded(listener: &TcpListener) -> TcpStream {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                stream.set_nonblocking(false).expect("blocking stream");
+                return stream;
+            }
+            Err(err)
+                if err.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(err) => panic!("accept: {err}"),
+        }
+    }
+}
+
+/// Bytes read until the peer closes; stops at the stream's read timeout.
+fn read_to_end_bounded(stream: &mut TcpStream) -> usize {
+    let mut total = 0;
+    let mut buf = vec![0u8; 65536];
+    // Bounded: each read returns data, EOF or times out (10 s); 1 << 20 reads at most.
+    for _ in 0..(1 << 20) {
+        match stream.read(&mut buf) {
+            Ok(0) => return total,
+            Ok(n) => total += n,
+            Err(err) => panic!("reading after {total} bytes: {err}"),
+        }
+    }
+    total
 }

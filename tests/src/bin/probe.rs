@@ -72,6 +72,7 @@ fork-connect ADDR PORT CGROUP_PROCS_FILE | pass-socket UNIX_PATH | sleep SECS | 
 resolve-connect RESOLVER NAME PORT [aaaa] [tcp-dns] | race RESOLVER COUNT PORT LIMIT_SECS | \
 connect-hold ADDR PORT GO_FILE | dns-query RESOLVER NAME WAIT_MS [aaaa] | \
 thread-write ADDR PORT BYTES GO_FILE | \
+tcp-serve ADDR PORT BYTES GO_FILE OUT_ADDR OUT_PORT | \
 connect-pair ALLOWED_ADDR PORT REFUSED_ADDR PORT STOP_FILE | \
 connect-loop STOP_FILE LIMIT_SECS ADDR PORT... | \
 dns-flood STOP_FILE LIMIT_SECS RESOLVER SUFFIX NAMES>";
@@ -104,6 +105,15 @@ enum Action {
     /// Connects alternately to an address expected to be allowed and one expected to be
     /// refused until STOP_FILE exists, and reports how each attempt ended.
     ConnectLoop(SocketAddr, SocketAddr, PathBuf),
+    /// A server with an outbound connection of its own: listens on ADDR:PORT and connects to
+    /// OUT; accepts one connection, waits until GO_FILE exists, then writes a little to OUT
+    /// and BYTES to the accepted connection; then accepts one more and writes BYTES to it.
+    TcpServe {
+        listen: SocketAddr,
+        bytes: usize,
+        go_file: PathBuf,
+        outbound: SocketAddr,
+    },
     /// An action of the FQDN tests (`dns.rs`), which reports its own JSON.
     Dns(dns::Action),
     /// A long-running action of the reload and load tests (`load.rs`), which reports its
@@ -234,6 +244,20 @@ fn parse(args: &[String]) -> Result<Action, String> {
                 PathBuf::from(go_file),
             ))
         }
+        ["tcp-serve", addr, port, bytes, go_file, out_addr, out_port] => {
+            let bytes: usize = bytes
+                .parse()
+                .map_err(|err| format!("bad BYTES {bytes:?}: {err}"))?;
+            if bytes > MAX_WRITE_BYTES {
+                return Err(format!("BYTES must be at most {MAX_WRITE_BYTES}"));
+            }
+            Ok(Action::TcpServe {
+                listen: socket_addr(addr, port)?,
+                bytes,
+                go_file: PathBuf::from(go_file),
+                outbound: socket_addr(out_addr, out_port)?,
+            })
+        }
         ["sleep", secs] => {
             let secs: u64 = secs
                 .parse()
@@ -316,6 +340,70 @@ fn thread_write(addr: SocketAddr, bytes: usize, go_file: &std::path::Path) -> Ou
     Ok(())
 }
 
+fn tcp_serve(
+    listen: SocketAddr,
+    bytes: usize,
+    go_file: &std::path::Path,
+    outbound: SocketAddr,
+) -> Outcome {
+    use std::io::Write as _;
+    let listener =
+        std::net::TcpListener::bind(listen).map_err(|err| Failure::io("listen", &err))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|err| Failure::io("set_nonblocking", &err))?;
+    let mut out = TcpStream::connect_timeout(&outbound, STEP_TIMEOUT)
+        .map_err(|err| Failure::io("connect", &err))?;
+    let mut first = accept_bounded(&listener)?;
+    // Bounded wait for the test's signal: 400 polls of 50 ms.
+    let mut go = false;
+    for _ in 0..400 {
+        if go_file.exists() {
+            go = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if !go {
+        return Err(Failure::other("wait", "go file never appeared"));
+    }
+    // Queued locally whatever the firewall does with it: the test checks what arrives.
+    out.write_all(ECHO_PAYLOAD)
+        .map_err(|err| Failure::io("write", &err))?;
+    first
+        .write_all(&vec![b'x'; bytes])
+        .map_err(|err| Failure::io("write", &err))?;
+    drop(first);
+    let mut second = accept_bounded(&listener)?;
+    second
+        .write_all(&vec![b'y'; bytes])
+        .map_err(|err| Failure::io("write", &err))?;
+    Ok(())
+}
+
+/// Accepts one connection within PASS_TIMEOUT, as a blocking stream with a write timeout.
+fn accept_bounded(listener: &std::net::TcpListener) -> Result<TcpStream, Failure> {
+    let deadline = std::time::Instant::now() + PASS_TIMEOUT;
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                stream
+                    .set_nonblocking(false)
+                    .and_then(|()| stream.set_write_timeout(Some(PASS_TIMEOUT)))
+                    .map_err(|err| Failure::io("accept", &err))?;
+                return Ok(stream);
+            }
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                if std::time::Instant::now() > deadline {
+                    return Err(Failure::other("accept", "no connection arrived"));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(err) => return Err(Failure::io("accept", &err)),
+        }
+    }
+}
+
 fn ip(text: &str) -> Result<IpAddr, String> {
     text.parse()
         .map_err(|err| format!("bad address {text:?}: {err}"))
@@ -374,6 +462,12 @@ fn run(action: Action) -> Outcome {
             Err(Failure::other("internal", "handled in main"))
         }
         Action::ThreadWrite(addr, bytes, go_file) => thread_write(addr, bytes, &go_file),
+        Action::TcpServe {
+            listen,
+            bytes,
+            go_file,
+            outbound,
+        } => tcp_serve(listen, bytes, &go_file, outbound),
         Action::UdpResendAfter(addr, go_file) => {
             let socket = udp_socket(addr)?;
             socket
