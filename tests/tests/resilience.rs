@@ -17,6 +17,8 @@ use serde_json::Value;
 const PROBE: &str = "probe";
 const RESOLVER: &str = "127.0.53.41";
 const NAME: &str = "learned.vendor.test";
+/// connect4/6, sendmsg4/6, sock_create, egress, ingress: one pinned link each.
+const ATTACHED_PROGRAMS: usize = 7;
 
 /// A connect loop to an allowed and a refused destination, running across whatever the test
 /// does to the daemon.
@@ -116,7 +118,7 @@ fn privileged_kill_9_keeps_enforcing_and_the_next_daemon_adopts_without_a_gap() 
     let links_before = pinned_links(daemon.pin_dir());
     assert_eq!(
         links_before.len(),
-        8,
+        ATTACHED_PROGRAMS,
         "one link per program: {links_before:?}"
     );
 
@@ -141,7 +143,7 @@ fn privileged_kill_9_keeps_enforcing_and_the_next_daemon_adopts_without_a_gap() 
 
     // The old programs were retired: the new daemon's links alone.
     let links_after = pinned_links(daemon.pin_dir());
-    assert_eq!(links_after.len(), 8, "{links_after:?}");
+    assert_eq!(links_after.len(), ATTACHED_PROGRAMS, "{links_after:?}");
     assert!(
         links_after.iter().all(|link| !links_before.contains(link)),
         "the killed daemon's links are gone: before {links_before:?}, after {links_after:?}"
