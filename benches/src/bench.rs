@@ -752,7 +752,23 @@ impl Bench {
                     let id = |name: &str| format!("{name}@{rate}/s");
                     let micros = |nanos: u64| nanos as f64 / 1000.0;
                     let probed = dns.usable.count + dns.usable_tcp.count;
-                    let rows: [(&str, &str, &'static str, bool, f64); 9] = [
+                    let rows: [(&str, &str, &'static str, bool, f64); 11] = [
+                        (
+                            "dns_lag_p50",
+                            "DNS answer to address usable (until the connect that passes \
+                             starts), p50",
+                            "µs",
+                            false,
+                            micros(dns.lag.p50),
+                        ),
+                        (
+                            "dns_lag_p99",
+                            "DNS answer to address usable (until the connect that passes \
+                             starts), p99",
+                            "µs",
+                            false,
+                            micros(dns.lag.p99),
+                        ),
                         (
                             "dns_rtt_p50",
                             "DNS query round trip, p50",

@@ -92,6 +92,10 @@ pub struct DnsReport {
     pub usable_tcp: Percentiles,
     /// Probes (both kinds) whose first connect() already passed.
     pub usable_first_try: u64,
+    /// Answer received → start of the connect() that passed, both kinds: how long the
+    /// address was not yet usable. The passing connect's own duration is the syscall's (and
+    /// the hooks'), which `usable` includes and no firewall has as well.
+    pub lag: Percentiles,
     /// Probes whose query got no answer within 1 s (the resolver fell behind).
     pub probes_unanswered: u64,
     /// Probes answered with a wrong address, or whose address never became usable within
@@ -178,6 +182,7 @@ pub fn run(spec: &DnsSpec) -> anyhow::Result<crate::client::Report> {
         usable: Percentiles::of(probe.usable),
         usable_tcp: Percentiles::of(probe.usable_tcp),
         usable_first_try: probe.first_try,
+        lag: Percentiles::of(probe.lag),
         probes_unanswered: probe.unanswered,
         probe_failures: probe.failures,
     };
@@ -251,6 +256,7 @@ struct ProbeResults {
     probes: u64,
     usable: Vec<u64>,
     usable_tcp: Vec<u64>,
+    lag: Vec<u64>,
     first_try: u64,
     unanswered: u64,
     failures: u64,
@@ -269,6 +275,7 @@ fn probe(spec: &DnsSpec, done: &AtomicBool) -> anyhow::Result<ProbeResults> {
         probes: 0,
         usable: Vec::new(),
         usable_tcp: Vec::new(),
+        lag: Vec::new(),
         first_try: 0,
         unanswered: 0,
         failures: 0,
@@ -313,8 +320,10 @@ fn probe(spec: &DnsSpec, done: &AtomicBool) -> anyhow::Result<ProbeResults> {
         let target = SockaddrIn::from(SocketAddrV4::new(address, spec.probe_port));
         let tcp = j % 2 == 1;
         let mut attempts = 0u64;
+        let mut attempt_started = received;
         let usable = loop {
             attempts += 1;
+            attempt_started = Instant::now();
             let attempt = if tcp {
                 try_connect(&target)
             } else {
@@ -333,6 +342,10 @@ fn probe(spec: &DnsSpec, done: &AtomicBool) -> anyhow::Result<ProbeResults> {
         match usable {
             Some(latency) if named => {
                 let nanos = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
+                let lag = attempt_started.saturating_duration_since(received);
+                results
+                    .lag
+                    .push(u64::try_from(lag.as_nanos()).unwrap_or(u64::MAX));
                 if tcp {
                     results.usable_tcp.push(nanos);
                 } else {
