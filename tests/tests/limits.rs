@@ -2,7 +2,9 @@
 //! kernel's maps is refused with the map, its capacity and the count, and the policy in
 //! force stays; learned addresses that do not fit are refused under `[limits] on_full =
 //! "deny"` and let through as audit under `"allow"`; cgroups that do not fit are reported;
-//! a deny flood is rate limited in the event stream with every refusal still counted.
+//! deny entries, FQDN names and workload ids that do not fit refuse the policy; a full flow
+//! table is reported and loses no destination; a deny flood is rate limited in the event
+//! stream with every refusal still counted.
 //!
 //! The maps are made small with egressd's `--test-map-capacity MAP=N` so that filling
 //! them takes a handful of entries; the kernel, its maps and its refusals are real.
@@ -540,5 +542,161 @@ fn privileged_a_deny_flood_is_rate_limited_in_events_and_every_refusal_counted()
         "deny flood: {} refusals in {elapsed:?} became {records:?} event records (at most {bound} \
          each); status: {events}",
         counts.iter().map(|c| c.attempts).sum::<u64>()
+    );
+}
+
+#[test]
+fn privileged_deny_names_and_workload_ids_that_do_not_fit_are_refused_and_the_policy_stays() {
+    let cgroup = TestCgroup::new();
+    let server = TcpServer::bind("127.0.0.2");
+    let port = server.port;
+    let denied = TcpServer::bind("127.0.0.7");
+    // Workloads whose cgroups do not exist still take an id each.
+    let policy = |deny: &[&str], names: usize, idle: &str, idle_count: usize| -> String {
+        let mut spec = WorkloadSpec::new(PROBE, &cgroup).allow(allow("127.0.0.0/24", &[], "tcp"));
+        for i in 0..names {
+            spec = spec.allow(allow_fqdn(&format!("n{i}.vendor.test"), &[443], "tcp"));
+        }
+        let mut text = policy_toml("strict", deny, &[spec]);
+        for i in 0..idle_count {
+            text.push_str(&format!(
+                "\n[[workload]]\nname = \"{idle}-{i}\"\ncgroup = \"egressd-test-absent/{idle}-{i}\"\nallow = []\n"
+            ));
+        }
+        text
+    };
+    const IDLE: usize = 2100;
+    let daemon = Daemon::start_with_args(
+        &policy(&["127.0.0.7/32", "127.0.0.8/32"], 2, "old", IDLE),
+        &[
+            "--test-map-capacity",
+            "deny=4",
+            "--test-map-capacity",
+            "fqdn=3",
+        ],
+    );
+    let before = daemon.status()["policy"]["sha256"].clone();
+    let enforcing = || {
+        connect(&cgroup, "127.0.0.2", port).assert_ok("allowed by the policy in force");
+        connect(&cgroup, "127.0.0.7", denied.port)
+            .assert_eperm("denied for every workload by the policy in force");
+    };
+    enforcing();
+
+    let six_denied = [
+        "127.0.0.7/32",
+        "127.0.0.8/32",
+        "127.0.0.9/32",
+        "127.0.0.10/32",
+        "127.0.0.11/32",
+        "127.0.0.12/32",
+    ];
+    let cases: [(String, &[&str]); 4] = [
+        (
+            policy(&six_denied, 2, "old", IDLE),
+            &[
+                "kernel's deny map, which holds 4",
+                "the previous policy stays in force",
+            ],
+        ),
+        (
+            policy(&["127.0.0.7/32"], 5, "old", IDLE),
+            &[
+                "kernel's fqdn map, which holds 3",
+                "the previous policy stays in force",
+            ],
+        ),
+        // Each policy fits alone; both at once do not (ids stay taken until the switch).
+        (
+            policy(&["127.0.0.7/32"], 2, "new", IDLE),
+            &["workload ids at once", "reload in two steps"],
+        ),
+        (
+            policy(&["127.0.0.7/32"], 2, "old", 4001),
+            &["too many workloads: at most 4000"],
+        ),
+    ];
+    for (text, expected) in cases {
+        daemon.rewrite_policy(&text);
+        let message = reload_refused(&daemon, expected);
+        let status = daemon.status();
+        assert_eq!(status["policy"]["sha256"], before, "{message}");
+        assert!(
+            status["policy"]["last_error"]["message"].is_string(),
+            "status shows the refusal: {status}"
+        );
+        enforcing();
+    }
+}
+
+#[test]
+fn privileged_a_full_flow_table_is_reported_and_every_destination_still_recorded() {
+    const DESTINATIONS: usize = 10;
+    let cgroup = TestCgroup::new();
+    let targets: Vec<TcpServer> = (0..DESTINATIONS)
+        .map(|i| TcpServer::bind(&format!("127.0.0.{}", 10 + i)))
+        .collect();
+    let metrics = free_port();
+    // Flushed every second: a first-sight event is trusted once its summary has had two
+    // flush intervals to appear.
+    let policy = format!(
+        "{}\n[observe]\nflush_interval = \"1s\"\n",
+        with_metrics(
+            policy_toml("learning", &[], &[WorkloadSpec::new(PROBE, &cgroup)]),
+            metrics
+        )
+    );
+    let daemon = Daemon::start_with_args(&policy, &["--test-map-capacity", "flows=4"]);
+    for target in &targets {
+        connect(&cgroup, &target.ip.to_string(), target.port).assert_ok("learning allows");
+    }
+
+    let recorded = |observed: &[Value], target: &TcpServer| {
+        let address = target.ip.to_string();
+        observed.iter().any(|o| {
+            o["key"]["address"] == address.as_str() && o["key"]["port"] == u64::from(target.port)
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let observed = loop {
+        let text = daemon.ctl_ok(&["observed", "--workload", PROBE, "--json"]);
+        let observed: Vec<Value> = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("observed --json is not a JSON list ({e}): {text}"));
+        if targets.iter().all(|t| recorded(&observed, t)) || Instant::now() > deadline {
+            break observed;
+        }
+        thread::sleep(Duration::from_millis(250));
+    };
+    for target in &targets {
+        assert!(
+            recorded(&observed, target),
+            "{}:{} is recorded: {observed:?}",
+            target.ip,
+            target.port
+        );
+    }
+    let status = daemon.status();
+    let observe = &status["observe"];
+    assert_eq!(observe["kernel_flow_capacity"], 4, "{observe}");
+    let in_kernel = observe["kernel_flows"].as_u64().expect("kernel_flows");
+    assert!(in_kernel <= 4, "{observe}");
+    let recovered = observe["recovered_from_events"]
+        .as_u64()
+        .expect("recovered_from_events");
+    assert!(
+        recovered > 0,
+        "what the table could not hold came from first-sight events: {observe}"
+    );
+    let human = daemon.ctl_ok(&["status"]);
+    assert!(human.contains("the kernel's flow table is full"), "{human}");
+    let scraped = scrape(metrics);
+    assert!(
+        scraped.contains("egressd_map_capacity{map=\"flows\"} 4"),
+        "{scraped}"
+    );
+    assert!(
+        daemon.logs().contains("the kernel's flow table is full"),
+        "the daemon logs it: {}",
+        daemon.logs()
     );
 }

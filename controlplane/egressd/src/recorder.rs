@@ -149,6 +149,7 @@ pub fn create(state_dir: &Path, settings: ObserveSettings) -> (Handle, Unstarted
         last_prune: None,
         questions: Vec::new(),
         questions_dropped: 0,
+        flow_table_full: false,
     };
     recorder.open_store();
     (
@@ -278,6 +279,9 @@ struct Recorder {
     questions: Vec<QuerySample>,
     questions_dropped: u64,
     queue: Arc<SightingQueue>,
+    /// Whether the kernel's flow table was full at the last flush: logged when it fills
+    /// and when it has room again, not at every flush.
+    flow_table_full: bool,
 }
 
 impl Recorder {
@@ -404,6 +408,23 @@ impl Recorder {
             status.kernel_flows = snapshot.flows.len() as u64;
             status.kernel_flow_capacity = u64::from(snapshot.capacity);
             status.kernel_flow_insert_failures = snapshot.insert_failures;
+        }
+        let full =
+            snapshot.capacity > 0 && snapshot.flows.len() as u64 >= u64::from(snapshot.capacity);
+        if full != self.flow_table_full {
+            if full {
+                tracing::warn!(
+                    capacity = snapshot.capacity,
+                    "the kernel's flow table is full ({} summaries): the least recently used \
+                     are evicted between flushes, losing what they counted since the last \
+                     flush; their destinations are still recorded from first-sight events. A \
+                     shorter [observe] flush_interval loses less",
+                    snapshot.capacity
+                );
+            } else {
+                tracing::info!("the kernel's flow table has room again");
+            }
+            self.flow_table_full = full;
         }
         let mut samples = self.samples(&snapshot, walk_started);
         let recovered = self.recover_sightings(walk_started, &mut samples);
