@@ -320,17 +320,21 @@ fn probe(spec: &DnsSpec, done: &AtomicBool) -> anyhow::Result<ProbeResults> {
         let target = SockaddrIn::from(SocketAddrV4::new(address, spec.probe_port));
         let tcp = j % 2 == 1;
         let mut attempts = 0u64;
-        let mut attempt_started = received;
         let usable = loop {
             attempts += 1;
-            attempt_started = Instant::now();
+            let attempt_started = Instant::now();
             let attempt = if tcp {
                 try_connect(&target)
             } else {
                 try_connect_udp(&target)
             };
             match attempt {
-                Ok(()) => break Some(received.elapsed()),
+                Ok(()) => {
+                    break Some((
+                        received.elapsed(),
+                        attempt_started.saturating_duration_since(received),
+                    ));
+                }
                 Err(Errno::EPERM) if received.elapsed() < PROBE_WAIT => thread::yield_now(),
                 Err(_) => break None,
             }
@@ -340,9 +344,8 @@ fn probe(spec: &DnsSpec, done: &AtomicBool) -> anyhow::Result<ProbeResults> {
             .map(|message| answer_addresses(&message).contains(&IpAddr::V4(address)))
             .unwrap_or(false);
         match usable {
-            Some(latency) if named => {
+            Some((latency, lag)) if named => {
                 let nanos = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
-                let lag = attempt_started.saturating_duration_since(received);
                 results
                     .lag
                     .push(u64::try_from(lag.as_nanos()).unwrap_or(u64::MAX));
