@@ -261,44 +261,40 @@ impl RingStream {
     }
 
     /// Waits for records and decodes every available one (at most `max`) into `out`.
-    /// Returns how many records could not be decoded.
+    /// Returns how many records could not be decoded. The kernel wakes the reader only once
+    /// a backlog builds up (`ring_wakeup` in the eBPF programs), so the ring is also read
+    /// every [`RING_POLL_INTERVAL`]: a lone record waits at most that long.
     async fn next_batch<T>(
         &mut self,
         out: &mut Vec<T>,
         max: usize,
         decode: fn(&[u8], &Clock) -> Result<T, DatapathError>,
     ) -> Result<usize, DatapathError> {
-        let mut undecodable = 0;
         loop {
-            let mut guard = self
-                .ring
-                .readable_mut()
-                .await
-                .map_err(|source| DatapathError::Io {
-                    what: "waiting for a ring buffer",
-                    source,
-                })?;
-            let ring = guard.get_inner_mut();
-            let mut read = 0;
-            while read < max {
-                let Some(item) = ring.next() else { break };
-                read += 1;
-                match decode(&item, &self.clock) {
-                    Ok(record) => out.push(record),
-                    Err(_) => undecodable += 1,
-                }
-            }
-            if read < max {
-                guard.clear_ready();
-            }
-            if read > 0 {
+            let before = out.len();
+            let undecodable = self.drain(out, max, decode);
+            if out.len() > before || undecodable > 0 {
                 return Ok(undecodable);
+            }
+            tokio::select! {
+                guard = self.ring.readable_mut() => {
+                    let mut guard = guard.map_err(|source| DatapathError::Io {
+                        what: "waiting for a ring buffer",
+                        source,
+                    })?;
+                    // Read right after, at the top of the loop: a record written after
+                    // this either wakes the reader again or is read on the next tick.
+                    guard.clear_ready();
+                }
+                () = tokio::time::sleep(RING_POLL_INTERVAL) => {}
             }
         }
     }
 }
 
-/// Verdict events (new destinations, denials, would-be denials).
+/// How often the ring buffers are read when the kernel has not woken the reader.
+pub const RING_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
+
 pub struct EventStream(RingStream);
 
 impl EventStream {

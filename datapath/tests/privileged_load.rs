@@ -4,6 +4,9 @@
 use egressd_datapath::{CidrRule, Datapath, DatapathPolicy, WorkloadSpec, cgroup2_mount};
 use egressd_policy::{Mode, PortRange, Protocol};
 
+/// connect4/6, sendmsg4/6, sock_create, egress, ingress.
+const ATTACHED_PROGRAMS: usize = 7;
+
 #[tokio::test]
 async fn privileged_programs_load_attach_and_accept_a_policy() {
     assert!(
@@ -12,7 +15,12 @@ async fn privileged_programs_load_attach_and_accept_a_policy() {
     );
     let root = cgroup2_mount().expect("cgroup v2 must be mounted");
     let mut datapath = Datapath::load(&root, None).expect("programs load and attach");
-    assert_eq!(datapath.programs().len(), 8, "{:?}", datapath.programs());
+    assert_eq!(
+        datapath.programs().len(),
+        ATTACHED_PROGRAMS,
+        "{:?}",
+        datapath.programs()
+    );
     let policy = sample_policy();
     let stats = datapath.apply(&policy).expect("policy applies");
     assert_eq!(stats.allow_entries, 1);
@@ -63,7 +71,7 @@ async fn privileged_pinned_maps_are_adopted_with_their_policy() {
     assert!(stats.generation > generation, "generations continue");
     assert_eq!(
         second.retire_previous().expect("retire"),
-        8,
+        ATTACHED_PROGRAMS,
         "the first daemon's links"
     );
     let emptier = DatapathPolicy {

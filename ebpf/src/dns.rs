@@ -694,6 +694,9 @@ fn forward(
         (*answer).tid = creator.tid;
         (*answer).comm = creator.comm;
     }
-    entry.submit(0);
+    entry.submit(crate::verdict::ring_wakeup(
+        &DNS_ANSWERS,
+        egressd_common::event::DNS_RING_BUFFER_BYTES,
+    ));
     count(COUNTER_DNS_ANSWERS);
 }

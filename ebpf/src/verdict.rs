@@ -16,7 +16,7 @@ use egressd_common::{
         COUNTER_ALLOWED, COUNTER_DENIED, COUNTER_EVENTS, COUNTER_RING_DROPS, COUNTER_WOULD_DENY,
         EVENT_DENIED, EVENT_NEW_DESTINATION, EVENT_WOULD_DENY, Event, REASON_ALLOW_RULE,
         REASON_DENY_LIST, REASON_FQDN, REASON_LEARNING, REASON_NO_RULE, REASON_RESOLVER,
-        VERDICT_ALLOW, VERDICT_DENY, VERDICT_WOULD_DENY, decision_counter_index,
+        RING_BUFFER_BYTES, VERDICT_ALLOW, VERDICT_DENY, VERDICT_WOULD_DENY, decision_counter_index,
     },
     policy::{
         ALLOW_FLAG_DYNAMIC, ALLOW_KEY_WORKLOAD_BITS, AllowKey, AllowValue, DenyKey,
@@ -400,6 +400,20 @@ pub fn report(decision: &Decision, flow: &Flow, task: &Task) {
     send_event(kind, decision, flow, task);
 }
 
+/// Submit flags that wake the reader only once an eighth of the ring is waiting: a wakeup per
+/// record costs the daemon a context switch per event or DNS answer (and the sender the IPI),
+/// which at tens of thousands a second competes with the workloads for the CPUs. The daemon
+/// also reads on a short timer, so a lone record waits at most that long.
+#[inline(always)]
+pub fn ring_wakeup(ring: &aya_ebpf::maps::RingBuf, ring_bytes: u32) -> u64 {
+    use aya_ebpf::bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
+    if ring.query(u64::from(BPF_RB_AVAIL_DATA)) >= u64::from(ring_bytes / 8) {
+        u64::from(BPF_RB_FORCE_WAKEUP)
+    } else {
+        u64::from(BPF_RB_NO_WAKEUP)
+    }
+}
+
 #[inline(always)]
 pub fn send_event(kind: u32, decision: &Decision, flow: &Flow, task: &Task) {
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
@@ -428,6 +442,6 @@ pub fn send_event(kind: u32, decision: &Decision, flow: &Flow, task: &Task) {
         socket_type: flow.socket_type,
         reserved: 0,
     });
-    entry.submit(0);
+    entry.submit(ring_wakeup(&EVENTS, RING_BUFFER_BYTES));
     count(COUNTER_EVENTS);
 }
