@@ -37,6 +37,50 @@ pub struct Shared {
     /// read an older file must not be installed after one that read a newer file.
     pub reload_serial: tokio::sync::Mutex<()>,
     pub recorder: crate::recorder::Handle,
+    pub rings: RingSync,
+}
+
+/// Lets whoever reads what the daemon learns from the kernel's ring buffers (a flush of the
+/// observations, which names flows after their DNS answers) have every record already in
+/// the rings read first: the kernel wakes the daemon only for a backlog, so an answer can
+/// otherwise wait a poll interval.
+#[derive(Debug, Default)]
+pub struct RingSync {
+    read_now: tokio::sync::Notify,
+    /// Requests so far, and the newest request whose records have been read.
+    requested: std::sync::atomic::AtomicU64,
+    served: std::sync::atomic::AtomicU64,
+}
+
+impl RingSync {
+    /// Blocks until the ring reader has read everything the rings held when this was called,
+    /// or `limit` has passed (the reader may be stuck behind the engine's lock).
+    pub fn wait_until_read(&self, limit: std::time::Duration) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let ticket = self.requested.fetch_add(1, SeqCst) + 1;
+        self.read_now.notify_one();
+        let deadline = std::time::Instant::now() + limit;
+        // Bounded: at most `limit` in 1 ms steps.
+        while self.served.load(SeqCst) < ticket && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    /// Resolves when someone waits in [`RingSync::wait_until_read`].
+    pub async fn requested(&self) {
+        self.read_now.notified().await;
+    }
+
+    /// Called by the ring reader before it reads: the requests it will then have served.
+    pub fn serving(&self) -> u64 {
+        self.requested.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Called by the ring reader once what it read is in the engine.
+    pub fn served(&self, serving: u64) {
+        self.served
+            .fetch_max(serving, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// Reloads the policy file (SIGHUP, `egressctl reload`): it is read, parsed and its read group

@@ -146,6 +146,7 @@ async fn run(args: Args, json: bool) -> anyhow::Result<()> {
         access,
         reload_serial: tokio::sync::Mutex::new(()),
         recorder: recorder.clone(),
+        rings: control::RingSync::default(),
     });
     let recorder_thread = unstarted_recorder.start(shared.clone())?;
 
@@ -300,7 +301,9 @@ async fn kernel_records(
                 }
             }
             _ = expiry.tick() => expire = true,
+            () = shared.rings.requested() => {}
         }
+        let serving = shared.rings.serving();
         // Whatever woke us, answers already in the ring are learned first. They are parsed
         // here, without the daemon's lock, and learned a bounded number per lock: a workload
         // flooding its resolver fills the ring with thousands, and learning them all at once
@@ -335,6 +338,7 @@ async fn kernel_records(
         if expire {
             engine.expire_addresses();
         }
+        shared.rings.served(serving);
         let records: Vec<_> = event_batch
             .iter()
             .map(|event| {

@@ -266,6 +266,9 @@ pub struct FlowSnapshot {
     pub insert_failures: u64,
 }
 
+/// How long a flush waits for the ring reader before it reads the flows anyway.
+const RING_READ_LIMIT: Duration = Duration::from_millis(200);
+
 struct Recorder {
     path: PathBuf,
     store: Option<Store>,
@@ -394,6 +397,9 @@ impl Recorder {
     }
 
     fn try_flush(&mut self, shared: &Shared) -> Result<FlushReport, String> {
+        // DNS answers already in the kernel's ring are learned first, so that the flows
+        // they led to are named.
+        shared.rings.wait_until_read(RING_READ_LIMIT);
         let walk_started = SystemTime::now();
         let snapshot = shared
             .engine
