@@ -359,7 +359,7 @@ pub struct Datapath {
     sender_tasks: bool,
     clock: events::Clock,
     // Mirrors of what the maps hold, so `apply` writes only differences.
-    installed_allow: BTreeMap<(u32, Prefix), AllowValue>,
+    installed_allow: BTreeMap<(u32, Prefix), rules::CompactAllow>,
     installed_deny: BTreeSet<Prefix>,
     installed_cgroups: BTreeMap<u64, u32>,
     installed_workloads: BTreeMap<u32, WorkloadConfig>,
@@ -607,7 +607,7 @@ impl Datapath {
                     u32::from_be_bytes(data.workload_be),
                     (data.addr, u8::try_from(prefix_len).unwrap_or(128)),
                 ),
-                value,
+                rules::CompactAllow::new(&value),
             );
         }
         for entry in self.deny.iter() {
@@ -730,7 +730,7 @@ impl Datapath {
     /// between the other steps.
     pub fn apply(&mut self, policy: &DatapathPolicy) -> Result<ApplyStats, DatapathError> {
         // Compile everything before touching a map, so an error changes nothing.
-        let mut desired_allow: BTreeMap<(u32, Prefix), AllowValue> = BTreeMap::new();
+        let mut desired_allow: BTreeMap<(u32, Prefix), rules::CompactAllow> = BTreeMap::new();
         let mut desired_workloads: BTreeMap<u32, WorkloadConfig> = BTreeMap::new();
         let mut desired_cgroups: BTreeMap<u64, u32> = BTreeMap::new();
         for workload in &policy.workloads {
@@ -738,7 +738,7 @@ impl Datapath {
                 return Err(DatapathError::WorkloadIdOutOfRange { id: workload.id });
             }
             for (prefix, value) in rules::compile_workload(&workload.name, &workload.rules)? {
-                desired_allow.insert((workload.id, prefix), value);
+                desired_allow.insert((workload.id, prefix), rules::CompactAllow::new(&value));
             }
             desired_workloads.insert(
                 workload.id,
@@ -804,9 +804,9 @@ impl Datapath {
         for (key, value) in &desired_allow {
             if self.installed_allow.get(key) != Some(value) {
                 self.allow
-                    .insert(&rules::allow_key(key.0, &key.1), value, 0)
+                    .insert(&rules::allow_key(key.0, &key.1), value.value(), 0)
                     .map_err(map_err("ALLOW", "inserting"))?;
-                self.installed_allow.insert(*key, *value);
+                self.installed_allow.insert(*key, value.clone());
                 stats.allow_written += 1;
             }
         }
@@ -906,7 +906,7 @@ impl Datapath {
     fn check_fits(
         &self,
         policy: &DatapathPolicy,
-        allow: &BTreeMap<(u32, Prefix), AllowValue>,
+        allow: &BTreeMap<(u32, Prefix), rules::CompactAllow>,
         deny: &BTreeSet<Prefix>,
         fqdn: &BTreeMap<(u32, u64), FqdnValue>,
         cgroups: &BTreeMap<u64, u32>,

@@ -171,6 +171,47 @@ pub(crate) fn compile_workload(
     Ok(entries)
 }
 
+/// An allow-trie value as the daemon's mirror of the map keeps it. Nearly every entry holds
+/// one port rule: stored inline that is 16 bytes instead of the kernel value's 104, which for
+/// a 100,000-rule policy is the difference between about 7 and 26 MiB of mirror.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum CompactAllow {
+    /// `count` 1, every other slot of `rules` empty.
+    One { flags: u32, rule: PortRule },
+    /// Anything else, exactly as the kernel holds it.
+    Full(Box<AllowValue>),
+}
+
+impl CompactAllow {
+    pub(crate) fn new(value: &AllowValue) -> Self {
+        let unused_empty = value.rules[1..].iter().all(|r| *r == PortRule::default());
+        if value.count == 1 && unused_empty {
+            CompactAllow::One {
+                flags: value.flags,
+                rule: value.rules[0],
+            }
+        } else {
+            CompactAllow::Full(Box::new(*value))
+        }
+    }
+
+    /// The kernel value, as it was before compaction.
+    pub(crate) fn value(&self) -> AllowValue {
+        match self {
+            CompactAllow::One { flags, rule } => {
+                let mut value = AllowValue {
+                    count: 1,
+                    flags: *flags,
+                    ..Default::default()
+                };
+                value.rules[0] = *rule;
+                value
+            }
+            CompactAllow::Full(value) => **value,
+        }
+    }
+}
+
 pub(crate) fn describe_prefix(prefix: &Prefix) -> String {
     let addr = std::net::Ipv6Addr::from(prefix.0);
     match addr.to_ipv4_mapped() {
@@ -202,6 +243,29 @@ pub(crate) fn rule_array_truncated(rules: Vec<PortRule>) -> (u32, [PortRule; MAX
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compact_allow_values_round_trip() {
+        let one = compile_workload("w", &[rule("10.0.0.1/32", &[(443, 443)], Protocol::Tcp)])
+            .expect("compiles");
+        let many = compile_workload(
+            "w",
+            &[rule("10.0.0.2/32", &[(80, 80), (443, 443)], Protocol::Tcp)],
+        )
+        .expect("compiles");
+        for value in one.values().chain(many.values()) {
+            assert_eq!(CompactAllow::new(value).value(), *value);
+        }
+        let one = one.values().next().expect("one entry");
+        assert!(matches!(CompactAllow::new(one), CompactAllow::One { .. }));
+        let mut flagged = *one;
+        flagged.flags = 1;
+        assert_ne!(CompactAllow::new(&flagged), CompactAllow::new(one));
+        let mut stray = *one;
+        stray.rules[3].port_first = 7;
+        assert!(matches!(CompactAllow::new(&stray), CompactAllow::Full(_)));
+        assert_eq!(CompactAllow::new(&stray).value(), stray);
+    }
 
     fn rule(net: &str, ports: &[(u16, u16)], protocol: Protocol) -> CidrRule {
         CidrRule {

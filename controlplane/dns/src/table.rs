@@ -248,9 +248,9 @@ impl FqdnTable {
         FqdnTable {
             settings,
             rules: HashMap::new(),
-            bindings: LruCache::new(capacity),
+            bindings: lru_growing(capacity),
             index: Index::default(),
-            recent: LruCache::new(capacity),
+            recent: lru_growing(capacity),
             stats: TableStats::default(),
         }
     }
@@ -598,6 +598,15 @@ fn expiry_of(settings: &TableSettings, now: Instant, ttl: u32) -> Instant {
     now.checked_add(lifetime)
         .or_else(|| now.checked_add(Duration::from_secs(u64::from(MAX_TTL))))
         .unwrap_or(now)
+}
+
+/// An LRU cache bounded by `capacity` whose table grows with its entries: `LruCache::new`
+/// allocates room for `capacity` entries up front (2.2 MB for each of the table's two caches
+/// at the default 65,536 names, even for a policy without FQDN rules).
+fn lru_growing<K: std::hash::Hash + Eq, V>(capacity: NonZeroUsize) -> LruCache<K, V> {
+    let mut cache = LruCache::unbounded();
+    cache.resize(capacity);
+    cache
 }
 
 fn capacity(max_names: usize) -> NonZeroUsize {

@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::{Arc, LazyLock};
 use std::time::{Instant, SystemTime};
 
 use egressd_datapath::{
@@ -25,21 +26,21 @@ pub fn rfc3339(time: SystemTime) -> String {
 }
 
 /// The implicit `host` workload used when `unmatched = "apply"` and the file defines none.
-fn implicit_host() -> Workload {
-    Workload {
-        name: HOST_WORKLOAD.to_owned(),
-        cgroup: None,
-        mode: None,
-        raw_sockets: false,
-        dns_queries: egressd_policy::DnsQueries::Any,
-        allow: Vec::new(),
-        location: egressd_policy::Location { line: 0, column: 0 },
-    }
-}
+static IMPLICIT_HOST: LazyLock<Workload> = LazyLock::new(|| Workload {
+    name: HOST_WORKLOAD.to_owned(),
+    cgroup: None,
+    mode: None,
+    raw_sockets: false,
+    dns_queries: egressd_policy::DnsQueries::Any,
+    allow: Vec::new(),
+    location: egressd_policy::Location { line: 0, column: 0 },
+});
 
 pub struct Engine {
     datapath: Datapath,
-    policy: Policy,
+    /// Shared, so that installing it (and putting it back after a failed reload) needs no
+    /// copy of every rule.
+    policy: Arc<Policy>,
     policy_loaded_at: SystemTime,
     last_error: Option<ReloadFailure>,
     modes: ModeOverrides,
@@ -78,7 +79,7 @@ impl Engine {
         let ids_path = crate::ids::path(state_dir);
         let mut engine = Engine {
             datapath,
-            policy,
+            policy: Arc::new(policy),
             policy_loaded_at: SystemTime::now(),
             last_error: None,
             modes,
@@ -97,7 +98,7 @@ impl Engine {
             ids_path,
             limits: crate::limits::Limits::default(),
         };
-        let policy = engine.policy.clone();
+        let policy = Arc::clone(&engine.policy);
         engine.install(&policy)?;
         engine.sync_limit_modes();
         // Addresses learned by the previous daemon (same layout: adopted maps; another
@@ -130,12 +131,14 @@ impl Engine {
         self.policy.daemon.on_stop
     }
 
-    /// The workloads the datapath enforces, `host` included when it applies.
-    fn effective_workloads(policy: &Policy) -> Vec<Workload> {
-        let mut workloads = policy.workloads.clone();
+    /// The workloads the datapath enforces, `host` included when it applies. Borrowed: this
+    /// runs at every cgroup rescan and status request, and a copy of a 100,000-rule policy
+    /// each time churned the heap.
+    fn effective_workloads(policy: &Policy) -> Vec<&Workload> {
+        let mut workloads: Vec<&Workload> = policy.workloads.iter().collect();
         if policy.defaults.unmatched == Unmatched::Apply && policy.workload(HOST_WORKLOAD).is_none()
         {
-            workloads.push(implicit_host());
+            workloads.push(&IMPLICIT_HOST);
         }
         workloads
     }
@@ -173,7 +176,7 @@ impl Engine {
     }
 
     /// The cgroups that the workloads' patterns match now.
-    fn cgroup_table(&self, workloads: &[Workload], ids: &BTreeMap<String, u32>) -> cgroups::Table {
+    fn cgroup_table(&self, workloads: &[&Workload], ids: &BTreeMap<String, u32>) -> cgroups::Table {
         let patterns: Vec<(u32, &egressd_policy::CgroupPattern)> = workloads
             .iter()
             .filter_map(|w| Some((*ids.get(&w.name)?, w.cgroup.as_ref()?)))
@@ -685,7 +688,7 @@ impl Engine {
                     .downcast_ref::<DatapathError>()
                     .is_some_and(|e| !e.wrote_nothing());
                 if wrote {
-                    let previous = self.policy.clone();
+                    let previous = Arc::clone(&self.policy);
                     match self.install(&previous) {
                         Ok(()) => tracing::warn!(
                             "the reload failed while writing the maps; the policy in force is \
@@ -708,7 +711,7 @@ impl Engine {
                     policy.workloads.len(),
                     short_hash(&policy.source.sha256)
                 );
-                self.policy = policy;
+                self.policy = Arc::new(policy);
                 // compile() already wrote the kernel modes; this records them.
                 self.sync_limit_modes();
                 self.policy_loaded_at = SystemTime::now();
@@ -948,7 +951,7 @@ impl Engine {
 }
 
 /// The FQDN rules of `workloads`, numbered by `ids`.
-fn fqdn_rules(workloads: &[Workload], ids: &BTreeMap<String, u32>) -> Vec<egressd_dns::FqdnRule> {
+fn fqdn_rules(workloads: &[&Workload], ids: &BTreeMap<String, u32>) -> Vec<egressd_dns::FqdnRule> {
     workloads
         .iter()
         .filter_map(|w| Some((*ids.get(&w.name)?, w)))

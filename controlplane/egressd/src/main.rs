@@ -29,6 +29,9 @@ use crate::control::Shared;
 use crate::engine::Engine;
 use crate::events::EventHub;
 
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// How often cgroups matching workload patterns are looked for again (new services, pods).
 const CGROUP_RESCAN: Duration = Duration::from_secs(2);
 const EVENT_BATCH: usize = 1024;
