@@ -7,6 +7,7 @@ mod events;
 mod flows;
 mod kernel;
 mod pins;
+mod programs;
 mod rules;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -15,9 +16,9 @@ use std::path::{Path, PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, ProgramArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, RingBuf},
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, ProgramError,
+        ProgramError,
         links::{FdLink, LinkError, PinnedLink},
     },
 };
@@ -63,6 +64,10 @@ pub enum DatapathError {
     Load(#[source] Box<aya::EbpfError>),
     #[error("eBPF program {name} is missing from the object")]
     MissingProgram { name: &'static str },
+    #[error("the thread loading the eBPF programs panicked; nothing was attached")]
+    LoaderPanicked,
+    #[error("loading the eBPF programs failed earlier; nothing was attached")]
+    LoadFailed,
     #[error("eBPF program {name}: {action} failed: {source}")]
     Program {
         name: &'static str,
@@ -205,7 +210,7 @@ pub(crate) fn map_err(
     }
 }
 
-fn program_err(
+pub(crate) fn program_err(
     name: &'static str,
     action: &'static str,
 ) -> impl FnOnce(ProgramError) -> DatapathError {
@@ -320,8 +325,6 @@ pub struct DecisionCount {
     pub count: u64,
 }
 
-const SOCK_ADDR_PROGRAMS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
-
 /// A link this daemon attached: pinned (outlives the process) or not (detached on drop).
 /// Only ever dropped, never read.
 #[allow(dead_code)]
@@ -331,11 +334,19 @@ enum OwnedLink {
 }
 
 pub struct Datapath {
-    ebpf: Ebpf,
+    /// The object once its programs are loaded; until then the [`programs::Verification`]
+    /// loading them holds it.
+    ebpf: Option<Ebpf>,
+    verification: Option<programs::Verification>,
+    /// The cgroup root, opened at load and held until the programs are attached to it.
+    cgroup: Option<File>,
     cgroup_root: PathBuf,
+    /// The attached programs, as `name (attach point)`; empty until `attach`.
     programs: Vec<String>,
     pins: Option<pins::PinDir>,
     adopted: bool,
+    /// What to attach, once the programs are loaded.
+    plan: programs::AttachPlan,
     /// Held for their lifetime: dropping an unpinned link detaches its program.
     _links: Vec<OwnedLink>,
     /// Links of earlier daemons, attached until `retire_previous`.
@@ -355,7 +366,8 @@ pub struct Datapath {
     flows: flows::FlowTable,
     /// Entries of the flow table at the last read.
     flow_entries: usize,
-    /// Whether the egress program names the tasks that send data (kernels from 6.10).
+    /// Whether the egress program names the tasks that send data (kernels from 6.10); known
+    /// once the programs are loaded.
     sender_tasks: bool,
     clock: events::Clock,
     // Mirrors of what the maps hold, so `apply` writes only differences.
@@ -401,6 +413,24 @@ impl Datapath {
     /// tests that fill them). Maps adopted from pins keep the size they were created with;
     /// every check and report uses the size the kernel gives.
     pub fn load_with(
+        cgroup_root: &Path,
+        pin_dir: Option<&Path>,
+        capacities: &MapCapacities,
+    ) -> Result<Self, DatapathError> {
+        let mut datapath = Self::begin_load(cgroup_root, pin_dir, capacities)?;
+        datapath.attach()?;
+        Ok(datapath)
+    }
+
+    /// The first half of [`Datapath::load_with`]: creates (or adopts) the maps and starts
+    /// loading the programs on threads of their own, which takes the verifier most of a
+    /// second; nothing is attached until [`Datapath::attach`].
+    ///
+    /// Meanwhile `apply` can fill the maps. New maps are read by no program yet, so they are
+    /// written at once; adopted ones are read by the previous daemon's programs, so `apply`
+    /// first waits for every program to load: a program the verifier refuses still leaves
+    /// the previous daemon enforcing its own policy, untouched.
+    pub fn begin_load(
         cgroup_root: &Path,
         pin_dir: Option<&Path>,
         capacities: &MapCapacities,
@@ -515,25 +545,18 @@ impl Datapath {
             path: cgroup_root.to_owned(),
             source,
         })?;
-        let (plan, sender_tasks) = load_all(&mut ebpf)?;
-        install_dns_query_program(&mut ebpf)?;
-        let mut programs = Vec::with_capacity(plan.len());
-        let mut links = Vec::with_capacity(plan.len());
-        for (name, description, link) in attach_all(&mut ebpf, &cgroup, &plan)? {
-            programs.push(description);
-            links.push(match &pins {
-                Some(pins) => OwnedLink::Pinned(pins.pin_link(name, link)?),
-                None => OwnedLink::Fd(link),
-            });
-        }
+        let verification = programs::Verification::start(ebpf)?;
 
         let mut datapath = Datapath {
-            ebpf,
+            ebpf: None,
+            verification: Some(verification),
+            cgroup: Some(cgroup),
             cgroup_root: cgroup_root.to_owned(),
-            programs,
+            programs: Vec::new(),
             pins,
             adopted,
-            _links: links,
+            plan: Vec::new(),
+            _links: Vec::new(),
             previous_links,
             workload_cgroups,
             workloads,
@@ -549,7 +572,7 @@ impl Datapath {
             dns_answers: Some(dns_answers),
             flows: flows::FlowTable::new(flow_map),
             flow_entries: 0,
-            sender_tasks,
+            sender_tasks: false,
             clock: events::Clock::new(),
             installed_allow: BTreeMap::new(),
             installed_deny: BTreeSet::new(),
@@ -566,6 +589,55 @@ impl Datapath {
             datapath.read_back_maps()?;
         }
         Ok(datapath)
+    }
+
+    /// Waits until every program is loaded (see [`Datapath::begin_load`]); a refusal by the
+    /// verifier comes out here, with nothing attached.
+    fn wait_loaded(&mut self) -> Result<&mut Ebpf, DatapathError> {
+        if let Some(verification) = self.verification.take() {
+            let verified = verification.wait()?;
+            self.sender_tasks = verified.sender_tasks;
+            self.plan = verified.plan;
+            self.ebpf = Some(verified.ebpf);
+        }
+        // Only a failed load leaves neither.
+        self.ebpf.as_mut().ok_or(DatapathError::LoadFailed)
+    }
+
+    /// Attaches every program at the cgroup root, once all of them are loaded; the second
+    /// half of [`Datapath::load_with`]. Does nothing when they are attached already.
+    pub fn attach(&mut self) -> Result<(), DatapathError> {
+        if self.cgroup.is_none() {
+            return Ok(());
+        }
+        self.wait_loaded()?;
+        let (Some(ebpf), Some(cgroup)) = (self.ebpf.as_mut(), self.cgroup.as_ref()) else {
+            return Err(DatapathError::LoadFailed);
+        };
+        let attached = programs::attach_all(ebpf, cgroup, &self.plan)?;
+        let mut programs = Vec::with_capacity(attached.len());
+        let mut links = Vec::with_capacity(attached.len());
+        for (name, description, link) in attached {
+            programs.push(description);
+            links.push(match &self.pins {
+                Some(pins) => OwnedLink::Pinned(pins.pin_link(name, link)?),
+                None => OwnedLink::Fd(link),
+            });
+        }
+        self.programs = programs;
+        self._links = links;
+        // Attached: the root is no longer needed, and a later call has nothing to do.
+        self.cgroup = None;
+        Ok(())
+    }
+
+    /// Before a write to maps that the previous daemon's programs read: see
+    /// [`Datapath::begin_load`].
+    fn before_write(&mut self) -> Result<(), DatapathError> {
+        if self.adopted {
+            self.wait_loaded()?;
+        }
+        Ok(())
     }
 
     /// Where maps and links are pinned, if they are.
@@ -663,9 +735,10 @@ impl Datapath {
         &self.programs
     }
 
-    /// The kernel log of the programs (aya-log), to be forwarded to the `log` facade.
+    /// The kernel log of the programs (aya-log), to be forwarded to the `log` facade; waits
+    /// for the programs to load.
     pub fn take_kernel_log(&mut self) -> Option<KernelLog> {
-        aya_log::EbpfLogger::init(&mut self.ebpf)
+        aya_log::EbpfLogger::init(self.wait_loaded().ok()?)
             .ok()
             // SAFETY: the logger owns its ring buffer fd for as long as the AsyncFd owns it.
             .and_then(|logger| {
@@ -775,6 +848,7 @@ impl Datapath {
             &desired_resolvers,
         )?;
 
+        self.before_write()?;
         let mut stats = ApplyStats {
             allow_entries: desired_allow.len(),
             cgroups: desired_cgroups.len(),
@@ -1015,6 +1089,7 @@ impl Datapath {
         if *cgroups == self.installed_cgroups {
             return Ok(Vec::new());
         }
+        self.before_write()?;
         let before = self.installed_cgroups.clone();
         let left_out = self.sync_cgroup_map(cgroups)?;
         if self.installed_cgroups != before {
@@ -1039,6 +1114,7 @@ impl Datapath {
             .get(&id)
             .is_some_and(|config| config.flags & WORKLOAD_FLAG_DNS_ALLOWLISTED != 0);
         let config = workload_config(mode, raw_sockets, dns_allowlisted);
+        self.before_write()?;
         self.workloads
             .set(id, config, 0)
             .map_err(map_err("WORKLOADS", "writing"))?;
@@ -1085,6 +1161,7 @@ impl Datapath {
             workload_be: workload.to_be_bytes(),
             addr: bytes,
         };
+        self.before_write()?;
         match rules {
             Some(rules) => {
                 let port_rules: Vec<PortRule> = rules
@@ -1411,192 +1488,6 @@ impl MapSet<'_> {
             .take_map(name)
             .ok_or(DatapathError::MissingMap { name })
     }
-}
-
-/// The program `$name` as a `$ty`, loaded into the kernel (aya's program types share no
-/// trait for `load`, hence a macro).
-macro_rules! loaded {
-    ($ebpf:expr, $ty:ty, $name:expr) => {{
-        let name: &'static str = $name;
-        let program: &mut $ty = $ebpf
-            .program_mut(name)
-            .ok_or(DatapathError::MissingProgram { name })?
-            .try_into()
-            .map_err(program_err(name, "type check"))?;
-        program.load().map_err(|e| load_err(name, e))?;
-        program
-    }};
-}
-
-/// A refusal by the verifier as the rule the program broke on this kernel (the full log goes
-/// to the debug log); any other failure as it is.
-fn load_err(name: &'static str, error: ProgramError) -> DatapathError {
-    match error {
-        ProgramError::LoadError {
-            io_error,
-            verifier_log,
-        } => {
-            let log = verifier_log.to_string();
-            log::debug!("the verifier's output for eBPF program {name}:\n{log}");
-            DatapathError::ProgramRefused {
-                name,
-                kernel: kernel::release(),
-                reason: kernel::verifier_reason(&log).unwrap_or_else(|| {
-                    format!("the BPF_PROG_LOAD syscall failed ({io_error}) without a reason")
-                }),
-            }
-        }
-        other => program_err(name, "loading")(other),
-    }
-}
-
-/// The programs to attach, in order, and where.
-type AttachPlan = Vec<(&'static str, AttachPoint)>;
-
-/// Where a program attaches at the cgroup root.
-#[derive(Debug, Clone, Copy)]
-enum AttachPoint {
-    SockAddr,
-    Sock,
-    Skb(CgroupSkbAttachType),
-}
-
-/// Loads every program into the kernel, attaching nothing: a program the verifier refuses
-/// stops egressd before anything is attached. Returns the programs to attach and whether
-/// the egress program that names sending tasks was accepted (else its compatible twin).
-fn load_all(ebpf: &mut Ebpf) -> Result<(AttachPlan, bool), DatapathError> {
-    let mut plan = Vec::new();
-    for name in SOCK_ADDR_PROGRAMS {
-        loaded!(ebpf, CgroupSockAddr, name);
-        plan.push((name, AttachPoint::SockAddr));
-    }
-    loaded!(ebpf, CgroupSock, "sock_create");
-    plan.push(("sock_create", AttachPoint::Sock));
-    // Probed first: a refused load of the whole program would cost a full verifier run, and
-    // kernels before 6.10 refuse bpf_get_current_pid_tgid in cgroup_skb programs.
-    let sender_tasks = if kernel::cgroup_skb_knows_current_task() {
-        match try_load_cgroup_skb(ebpf, "egress") {
-            Ok(()) => true,
-            Err(e) => {
-                log::info!("egress program with sending tasks refused ({e}); using egress_compat");
-                false
-            }
-        }
-    } else {
-        log::info!(
-            "cgroup_skb programs cannot name the current task on this kernel (Linux 6.10 can): \
-             using egress_compat, flows name their connecting task only"
-        );
-        false
-    };
-    if !sender_tasks {
-        try_load_cgroup_skb(ebpf, "egress_compat")?;
-    }
-    let egress = if sender_tasks {
-        "egress"
-    } else {
-        "egress_compat"
-    };
-    plan.push((egress, AttachPoint::Skb(CgroupSkbAttachType::Egress)));
-    try_load_cgroup_skb(ebpf, "ingress")?;
-    plan.push(("ingress", AttachPoint::Skb(CgroupSkbAttachType::Ingress)));
-    Ok((plan, sender_tasks))
-}
-
-/// The program `$name` as a `$ty`, attached with `$attach`, its link owned by the caller.
-macro_rules! attach_owned {
-    ($ebpf:expr, $ty:ty, $name:expr, |$program:ident| $attach:expr) => {{
-        let name: &'static str = $name;
-        let $program: &mut $ty = $ebpf
-            .program_mut(name)
-            .ok_or(DatapathError::MissingProgram { name })?
-            .try_into()
-            .map_err(program_err(name, "type check"))?;
-        let id = $attach.map_err(program_err(name, "attaching"))?;
-        let link = $program
-            .take_link(id)
-            .map_err(program_err(name, "taking its link"))?;
-        FdLink::try_from(link).map_err(|source| DatapathError::Link {
-            name,
-            source: Box::new(source),
-        })?
-    }};
-}
-
-/// Attaches every loaded program at `cgroup` as a bpf_link the caller owns: dropping an
-/// unpinned link detaches it, so a failure part-way leaves nothing attached.
-fn attach_all(
-    ebpf: &mut Ebpf,
-    cgroup: &File,
-    plan: &[(&'static str, AttachPoint)],
-) -> Result<Vec<(&'static str, String, FdLink)>, DatapathError> {
-    // bpf_link attachments coexist with other programs on the same cgroup (the kernel attaches
-    // links in multi mode); `Single` is aya's name for "no flags".
-    let mode = CgroupAttachMode::Single;
-    let mut links = Vec::with_capacity(plan.len());
-    for &(name, point) in plan {
-        let (link, description) = match point {
-            AttachPoint::SockAddr => (
-                attach_owned!(ebpf, CgroupSockAddr, name, |p| p.attach(cgroup, mode)),
-                format!("{name} (cgroup/{name})"),
-            ),
-            AttachPoint::Sock => (
-                attach_owned!(ebpf, CgroupSock, name, |p| p.attach(cgroup, mode)),
-                format!("{name} (cgroup/{name})"),
-            ),
-            AttachPoint::Skb(attach_type) => (
-                attach_owned!(ebpf, CgroupSkb, name, |p| p.attach(
-                    cgroup,
-                    attach_type,
-                    mode
-                )),
-                format!("{name} (cgroup_skb/{})", attach_type_name(attach_type)),
-            ),
-        };
-        links.push((name, description, link));
-    }
-    Ok(links)
-}
-
-fn attach_type_name(attach_type: CgroupSkbAttachType) -> &'static str {
-    match attach_type {
-        CgroupSkbAttachType::Egress => "egress",
-        CgroupSkbAttachType::Ingress => "ingress",
-    }
-}
-
-/// Loads `dns_query` (reached by tail call from egress for workloads whose DNS questions
-/// must name something their FQDN rules allow) and puts it in egress's program array. Done
-/// before egress is attached: until then egress refuses such questions (fail closed).
-fn install_dns_query_program(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
-    let name = "dns_query";
-    loaded!(ebpf, CgroupSkb, name);
-    let fd = ebpf
-        .program(name)
-        .ok_or(DatapathError::MissingProgram { name })?
-        .fd()
-        .map_err(program_err(name, "getting its fd"))?
-        .try_clone()
-        .map_err(|source| DatapathError::Io {
-            what: "duplicating the dns_query program fd",
-            source,
-        })?;
-    let map = ebpf
-        .map_mut("DNS_QUERY_PROGRAM")
-        .ok_or(DatapathError::MissingMap {
-            name: "DNS_QUERY_PROGRAM",
-        })?;
-    let mut programs =
-        ProgramArray::try_from(map).map_err(map_err("DNS_QUERY_PROGRAM", "opening"))?;
-    programs
-        .set(0, &fd, 0)
-        .map_err(map_err("DNS_QUERY_PROGRAM", "writing"))?;
-    Ok(())
-}
-
-fn try_load_cgroup_skb(ebpf: &mut Ebpf, name: &'static str) -> Result<(), DatapathError> {
-    loaded!(ebpf, CgroupSkb, name);
-    Ok(())
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.

@@ -121,6 +121,17 @@ impl Engine {
         Ok(engine)
     }
 
+    /// Attaches the datapath's programs once they are loaded (the policy is in the maps by
+    /// then: see `Datapath::begin_load`).
+    pub fn attach(&mut self) -> anyhow::Result<()> {
+        Ok(self.datapath.attach()?)
+    }
+
+    /// The kernel log of the programs, once they are loaded.
+    pub fn take_kernel_log(&mut self) -> Option<egressd_datapath::KernelLog> {
+        self.datapath.take_kernel_log()
+    }
+
     /// Detaches the programs of the previous daemon, now that this one's policy is applied.
     pub fn retire_previous(&mut self) -> anyhow::Result<usize> {
         Ok(self.datapath.retire_previous()?)

@@ -119,14 +119,13 @@ async fn run(args: Args, json: bool) -> anyhow::Result<()> {
             "--test-map-capacity: maps created smaller than usual (for tests)"
         );
     }
+    // The programs load (the verifier takes most of a second) while the engine fills the
+    // maps; they are attached once both are done.
     let mut datapath =
-        egressd_datapath::Datapath::load_with(&cgroup_root, Some(&args.pin_dir), &capacities)
+        egressd_datapath::Datapath::begin_load(&cgroup_root, Some(&args.pin_dir), &capacities)
             .with_context(|| format!("loading the eBPF datapath at {}", cgroup_root.display()))?;
     let events = datapath.take_events()?;
     let dns_answers = datapath.take_dns_answers()?;
-    if let Some(kernel_log) = datapath.take_kernel_log() {
-        tokio::spawn(kernel_log.run());
-    }
     let observe_settings = policy.observe.clone();
     let mut engine = Engine::new(
         datapath,
@@ -135,6 +134,12 @@ async fn run(args: Args, json: bool) -> anyhow::Result<()> {
         args.config.clone(),
         &args.state_dir,
     )?;
+    engine
+        .attach()
+        .with_context(|| format!("loading the eBPF datapath at {}", cgroup_root.display()))?;
+    if let Some(kernel_log) = engine.take_kernel_log() {
+        tokio::spawn(kernel_log.run());
+    }
     // Our programs are attached and our policy is in the maps: the previous daemon's programs
     // (if its pins were adopted) can go.
     match engine.retire_previous() {
