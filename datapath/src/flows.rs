@@ -52,10 +52,15 @@ impl FlowTable {
         FlowTable { map }
     }
 
-    /// Every summary the kernel holds now. Entries evicted or created during the walk may
-    /// be missed or seen once; the next walk catches up.
-    pub(crate) fn read(&self, clock: &Clock) -> Result<Vec<FlowSummary>, DatapathError> {
-        let mut summaries = Vec::new();
+    /// Hands every summary the kernel holds now to `visit` and returns how many there were.
+    /// Entries evicted or created during the walk may be missed or seen once; the next walk
+    /// catches up. One summary at a time: a walk of a full table holds no copy of it.
+    pub(crate) fn visit(
+        &self,
+        clock: &Clock,
+        mut visit: impl FnMut(FlowSummary),
+    ) -> Result<usize, DatapathError> {
+        let mut walked = 0;
         for entry in self.map.iter() {
             let (key, stats) = match entry {
                 Ok(entry) => entry,
@@ -63,9 +68,10 @@ impl FlowTable {
                 Err(aya::maps::MapError::KeyNotFound) => continue,
                 Err(e) => return Err(map_err("FLOWS", "reading")(e)),
             };
-            summaries.push(summary(&key, &stats, clock));
+            visit(summary(&key, &stats, clock));
+            walked += 1;
         }
-        Ok(summaries)
+        Ok(walked)
     }
 }
 

@@ -759,11 +759,15 @@ impl Datapath {
         self.sender_tasks
     }
 
-    /// Every per-destination flow summary the kernel holds now (running totals).
-    pub fn flow_summaries(&mut self) -> Result<Vec<FlowSummary>, DatapathError> {
-        let summaries = self.flows.read(&self.clock)?;
-        self.flow_entries = summaries.len();
-        Ok(summaries)
+    /// Hands every per-destination flow summary the kernel holds now (running totals) to
+    /// `visit`, one at a time, and returns how many there were.
+    pub fn visit_flow_summaries(
+        &mut self,
+        visit: impl FnMut(FlowSummary),
+    ) -> Result<usize, DatapathError> {
+        let walked = self.flows.visit(&self.clock, visit)?;
+        self.flow_entries = walked;
+        Ok(walked)
     }
 
     /// The event stream; can be taken once.

@@ -9,8 +9,8 @@ use std::sync::{Arc, LazyLock};
 use std::time::{Instant, SystemTime};
 
 use egressd_datapath::{
-    CidrRule, Datapath, DatapathError, DatapathPolicy, DnsAnswer, FqdnSpec, MAX_WORKLOAD_ID,
-    WorkloadSpec,
+    CidrRule, Datapath, DatapathError, DatapathPolicy, DnsAnswer, FlowSummary, FqdnSpec,
+    MAX_WORKLOAD_ID, WorkloadSpec,
 };
 use egressd_policy::{Destination, HOST_WORKLOAD, Mode, Policy, Unmatched, Workload};
 use egressd_proto::{
@@ -591,20 +591,29 @@ impl Engine {
     }
 
     /// The kernel's flow summaries named for the recorder, with what it needs to judge them.
-    pub fn flow_snapshot(&mut self) -> anyhow::Result<crate::recorder::FlowSnapshot> {
-        let summaries = self.datapath.flow_summaries()?;
+    /// Walks the kernel's flow summaries and names the ones `select` picks (it sees each
+    /// summary with its workload's name and returns what the caller wants kept with it).
+    /// Summaries of workloads a reload removed have no name any more and are skipped.
+    pub fn flow_snapshot<T>(
+        &mut self,
+        mut select: impl FnMut(&FlowSummary, &str) -> Option<T>,
+    ) -> anyhow::Result<crate::recorder::FlowSnapshot<T>> {
         let names: BTreeMap<u32, &String> = self.ids.iter().map(|(name, &id)| (id, name)).collect();
-        let flows = summaries
+        let mut picked = Vec::new();
+        let walked = self.datapath.visit_flow_summaries(|summary| {
+            if let Some(workload) = names.get(&summary.workload)
+                && let Some(selected) = select(&summary, workload)
+            {
+                picked.push((summary, (*workload).clone(), selected));
+            }
+        })?;
+        let flows = picked
             .into_iter()
-            .filter_map(|summary| {
-                // A workload removed by a reload: its summaries have no name any more.
-                let workload = (*names.get(&summary.workload)?).clone();
-                let dns_name = self.dns_name_for(summary.workload, summary.address);
-                Some(crate::recorder::NamedFlow {
-                    summary,
-                    workload,
-                    dns_name,
-                })
+            .map(|(summary, workload, selected)| crate::recorder::NamedFlow {
+                dns_name: self.dns_name_for(summary.workload, summary.address),
+                summary,
+                workload,
+                selected,
             })
             .collect();
         // Paths as /proc/PID/cgroup writes them: from the cgroup v2 mount, with a leading /.
@@ -627,6 +636,7 @@ impl Engine {
             .unwrap_or_default();
         Ok(crate::recorder::FlowSnapshot {
             flows,
+            walked,
             workload_cgroups,
             settings: self.policy.observe.clone(),
             capacity: self.datapath.flow_capacity(),

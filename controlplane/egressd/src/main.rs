@@ -29,6 +29,7 @@ use crate::control::Shared;
 use crate::engine::Engine;
 use crate::events::EventHub;
 
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

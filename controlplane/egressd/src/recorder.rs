@@ -143,7 +143,9 @@ pub fn create(state_dir: &Path, settings: ObserveSettings) -> (Handle, Unstarted
         store: None,
         settings,
         previous: HashMap::new(),
+        walk: 0,
         pending: HashMap::new(),
+        workload_names: HashSet::new(),
         processes: ProcessCache::new(),
         status: status.clone(),
         last_prune: None,
@@ -190,6 +192,45 @@ struct SummaryId {
     address: IpAddr,
     port: Option<u16>,
     protocol: u8,
+}
+
+impl SummaryId {
+    fn of(summary: &FlowSummary) -> Self {
+        SummaryId {
+            workload: summary.workload,
+            address: summary.address,
+            port: summary.port,
+            protocol: summary.protocol,
+        }
+    }
+}
+
+/// A summary's counters at the last flush, and the walk of the kernel's table that last saw
+/// it (summaries the latest walk did not see are gone from the kernel and forgotten).
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    totals: Totals,
+    walk: u32,
+}
+
+/// The destination of a pending first sight. Workload names are shared (interned), so a
+/// burst of 100,000 new destinations costs no string per sighting.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct PendingKey {
+    workload: Arc<str>,
+    address: IpAddr,
+    port: Option<u16>,
+    protocol: u8,
+}
+
+/// What a pending first sight keeps until the kernel's summary accounts for it (about 100
+/// bytes each, with the map's share).
+#[derive(Debug)]
+struct PendingSighting {
+    at: SystemTime,
+    verdict: SampleVerdict,
+    dns_name: Option<Box<str>>,
+    comm: Option<Box<str>>,
 }
 
 /// The counters of a summary at the last flush.
@@ -249,16 +290,21 @@ impl Totals {
     }
 }
 
-/// One kernel summary with the names the daemon knows for it.
-pub struct NamedFlow {
+/// One kernel summary with the names the daemon knows for it, and what the walk's caller
+/// kept with it.
+pub struct NamedFlow<T> {
     pub summary: FlowSummary,
     pub workload: String,
     pub dns_name: Option<String>,
+    pub selected: T,
 }
 
-/// What the engine hands the recorder at each flush.
-pub struct FlowSnapshot {
-    pub flows: Vec<NamedFlow>,
+/// What the engine hands the recorder at each flush: the summaries the recorder picked
+/// during the walk (those that grew), not the whole table.
+pub struct FlowSnapshot<T> {
+    pub flows: Vec<NamedFlow<T>>,
+    /// Summaries in the kernel's table during the walk.
+    pub walked: usize,
     /// Absolute cgroup directories per workload name (a sending task must be in one).
     pub workload_cgroups: BTreeMap<String, Vec<PathBuf>>,
     pub settings: ObserveSettings,
@@ -273,8 +319,12 @@ struct Recorder {
     path: PathBuf,
     store: Option<Store>,
     settings: ObserveSettings,
-    previous: HashMap<SummaryId, Totals>,
-    pending: HashMap<FlowKey, Sighting>,
+    previous: HashMap<SummaryId, Seen>,
+    /// Counts the walks of the kernel's table (marks what each walk saw in `previous`).
+    walk: u32,
+    pending: HashMap<PendingKey, PendingSighting>,
+    /// The workload names pending sightings share.
+    workload_names: HashSet<Arc<str>>,
     processes: ProcessCache,
     status: Arc<Mutex<ObserveStatus>>,
     last_prune: Option<Instant>,
@@ -351,11 +401,31 @@ impl Recorder {
     }
 
     fn pend(&mut self, sighting: Sighting) {
-        if self.pending.len() >= MAX_PENDING_SIGHTINGS && !self.pending.contains_key(&sighting.key)
-        {
+        let workload = match self.workload_names.get(sighting.key.workload.as_str()) {
+            Some(name) => Arc::clone(name),
+            None => {
+                let name: Arc<str> = Arc::from(sighting.key.workload.as_str());
+                self.workload_names.insert(Arc::clone(&name));
+                name
+            }
+        };
+        let key = PendingKey {
+            workload,
+            address: sighting.key.address,
+            port: sighting.key.port,
+            protocol: sighting.key.protocol,
+        };
+        if self.pending.len() >= MAX_PENDING_SIGHTINGS && !self.pending.contains_key(&key) {
             return;
         }
-        self.pending.entry(sighting.key.clone()).or_insert(sighting);
+        self.pending.entry(key).or_insert_with(|| PendingSighting {
+            at: sighting.at,
+            verdict: sighting.verdict,
+            dns_name: sighting.dns_name.map(String::into_boxed_str),
+            comm: sighting
+                .process
+                .map(|process| process.comm.into_boxed_str()),
+        });
     }
 
     fn open_store(&mut self) {
@@ -401,22 +471,58 @@ impl Recorder {
         // they led to are named.
         shared.rings.wait_until_read(RING_READ_LIMIT);
         let walk_started = SystemTime::now();
+        self.walk = self.walk.wrapping_add(1);
+        let walk = self.walk;
+        let (previous, pending, workload_names) =
+            (&mut self.previous, &mut self.pending, &self.workload_names);
+        // Only summaries that grew are copied out of the walk: with 100,000 flows in the
+        // kernel and little traffic, a flush holds a handful, not the table.
         let snapshot = shared
             .engine
             .lock()
             .map_err(|_| "daemon state is poisoned".to_owned())?
-            .flow_snapshot()
+            .flow_snapshot(|summary, workload| {
+                // The summary accounts for the first sight: its event adds nothing.
+                if !pending.is_empty()
+                    && let Some(workload) = workload_names.get(workload)
+                {
+                    pending.remove(&PendingKey {
+                        workload: Arc::clone(workload),
+                        address: summary.address,
+                        port: summary.port,
+                        protocol: summary.protocol,
+                    });
+                }
+                let totals = Totals::of(summary);
+                let earlier = match previous.get_mut(&SummaryId::of(summary)) {
+                    Some(seen) => {
+                        seen.walk = walk;
+                        seen.totals
+                    }
+                    None => Totals::default(),
+                };
+                let growth = totals.since(&earlier);
+                // New totals are kept once the walk has succeeded (a failed walk loses no
+                // growth); unchanged summaries are only marked as seen.
+                (!growth.is_zero() || earlier.first_seen != totals.first_seen)
+                    .then_some((totals, growth))
+            })
             .map_err(|e| format!("reading the kernel's flow summaries: {e:#}"))?;
+        for flow in &snapshot.flows {
+            let (totals, _) = flow.selected;
+            previous.insert(SummaryId::of(&flow.summary), Seen { totals, walk });
+        }
+        previous.retain(|_, seen| seen.walk == walk);
+        shrink_when_sparse(previous);
         self.settings = snapshot.settings.clone();
         if let Ok(mut status) = self.status.lock() {
             status.enabled = self.settings.enabled;
             status.flush_interval_ms = self.settings.flush_interval.as_millis() as u64;
-            status.kernel_flows = snapshot.flows.len() as u64;
+            status.kernel_flows = snapshot.walked as u64;
             status.kernel_flow_capacity = u64::from(snapshot.capacity);
             status.kernel_flow_insert_failures = snapshot.insert_failures;
         }
-        let full =
-            snapshot.capacity > 0 && snapshot.flows.len() as u64 >= u64::from(snapshot.capacity);
+        let full = snapshot.capacity > 0 && snapshot.walked as u64 >= u64::from(snapshot.capacity);
         if full != self.flow_table_full {
             if full {
                 tracing::warn!(
@@ -487,33 +593,25 @@ impl Recorder {
         })
     }
 
-    /// Samples of the growth of every summary since the last flush.
-    fn samples(&mut self, snapshot: &FlowSnapshot, now: SystemTime) -> Vec<FlowSample> {
+    /// Samples of the growth of the summaries that grew since the last flush.
+    fn samples(
+        &mut self,
+        snapshot: &FlowSnapshot<(Totals, Totals)>,
+        now: SystemTime,
+    ) -> Vec<FlowSample> {
         let mut samples = Vec::new();
-        let mut live = HashSet::with_capacity(snapshot.flows.len());
         for flow in &snapshot.flows {
             let summary = &flow.summary;
-            let id = SummaryId {
-                workload: summary.workload,
-                address: summary.address,
-                port: summary.port,
-                protocol: summary.protocol,
-            };
-            live.insert(id);
+            let (_, growth) = flow.selected;
+            if growth.is_zero() {
+                continue;
+            }
             let key = FlowKey::new(
                 flow.workload.clone(),
                 summary.address,
                 summary.port,
                 summary.protocol,
             );
-            // The summary accounts for the first sight: its event adds nothing.
-            self.pending.remove(&key);
-            let totals = Totals::of(summary);
-            let growth = totals.since(self.previous.get(&id).unwrap_or(&Totals::default()));
-            self.previous.insert(id, totals);
-            if growth.is_zero() {
-                continue;
-            }
             let mut base = FlowSample::new(key, summary.first_seen);
             base.dns_name = flow.dns_name.clone();
             // Counters move without a new decision (long-lived connections): seen until now.
@@ -554,7 +652,6 @@ impl Recorder {
                 }
             }
         }
-        self.previous.retain(|id, _| live.contains(id));
         samples
     }
 
@@ -589,7 +686,7 @@ impl Recorder {
     ) -> u64 {
         let settle = self.settings.flush_interval * 2;
         let cutoff = walk_started.checked_sub(settle).unwrap_or(walk_started);
-        let overdue: Vec<FlowKey> = self
+        let overdue: Vec<PendingKey> = self
             .pending
             .iter()
             .filter(|(_, sighting)| sighting.at < cutoff)
@@ -600,15 +697,30 @@ impl Recorder {
             let Some(sighting) = self.pending.remove(&key) else {
                 continue;
             };
-            let mut sample = FlowSample::new(sighting.key, sighting.at);
-            sample.dns_name = sighting.dns_name;
+            let flow = FlowKey::new(&*key.workload, key.address, key.port, key.protocol);
+            let mut sample = FlowSample::new(flow, sighting.at);
+            sample.dns_name = sighting.dns_name.map(String::from);
             sample.connections = 1;
             sample.verdict = sighting.verdict;
-            sample.connect_process = sighting.process;
+            sample.connect_process = sighting.comm.map(|comm| Process::new(comm, None));
             samples.push(sample);
             recovered += 1;
         }
+        if self.pending.is_empty() {
+            // Names of workloads a reload removed go with their last sightings.
+            self.workload_names.clear();
+        }
+        // A burst of new destinations leaves a large, mostly empty table behind; its memory
+        // goes back once the burst is accounted for.
+        shrink_when_sparse(&mut self.pending);
         recovered
+    }
+}
+
+/// Gives a map's memory back when it holds less than a quarter of what it has room for.
+fn shrink_when_sparse<K: Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>) {
+    if map.capacity() > 1024 && map.len() < map.capacity() / 4 {
+        map.shrink_to_fit();
     }
 }
 
