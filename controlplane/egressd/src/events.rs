@@ -122,7 +122,9 @@ pub struct EventHub {
 impl EventHub {
     pub fn new(json_stdout: bool) -> Self {
         EventHub {
-            backlog: Mutex::new(VecDeque::with_capacity(1024)),
+            // Exactly the backlog's size (grown by doubling it would end at 16,384 slots);
+            // slots are resident only once written.
+            backlog: Mutex::new(VecDeque::with_capacity(BACKLOG)),
             followers: broadcast::channel(FOLLOWER_QUEUE).0,
             json_stdout,
             limiter: Mutex::new(RefusalLimiter::default()),

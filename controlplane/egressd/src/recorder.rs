@@ -312,6 +312,9 @@ pub struct FlowSnapshot<T> {
     pub insert_failures: u64,
 }
 
+/// Flows turned into samples and written per step of a flush.
+const SAMPLE_BATCH: usize = 4096;
+
 /// How long a flush waits for the ring reader before it reads the flows anyway.
 const RING_READ_LIMIT: Duration = Duration::from_millis(200);
 
@@ -538,8 +541,8 @@ impl Recorder {
             }
             self.flow_table_full = full;
         }
-        let mut samples = self.samples(&snapshot, walk_started);
-        let recovered = self.recover_sightings(walk_started, &mut samples);
+        let mut recovered_samples = Vec::new();
+        let recovered = self.recover_sightings(walk_started, &mut recovered_samples);
         if !self.settings.enabled {
             self.questions.clear();
             return Ok(FlushReport {
@@ -548,11 +551,24 @@ impl Recorder {
             });
         }
         self.open_store();
-        let store = self
-            .store
-            .as_mut()
-            .ok_or_else(|| format!("observation store {} is unavailable", self.path.display()))?;
-        store.record(&samples).map_err(|e| e.to_string())?;
+        let unavailable = format!("observation store {} is unavailable", self.path.display());
+        if self.store.is_none() {
+            return Err(unavailable);
+        }
+        let mut written = 0;
+        // A slice at a time: after a burst of new destinations a flush holds the samples of
+        // one slice, not of every new flow at once.
+        for flows in snapshot.flows.chunks(SAMPLE_BATCH) {
+            let samples = self.samples(flows, &snapshot.workload_cgroups, walk_started);
+            let store = self.store.as_mut().ok_or_else(|| unavailable.clone())?;
+            store.record(&samples).map_err(|e| e.to_string())?;
+            written += samples.len();
+        }
+        let store = self.store.as_mut().ok_or_else(|| unavailable.clone())?;
+        store
+            .record(&recovered_samples)
+            .map_err(|e| e.to_string())?;
+        written += recovered_samples.len();
         store
             .record_queries(&self.questions)
             .map_err(|e| e.to_string())?;
@@ -584,23 +600,24 @@ impl Recorder {
         if let Ok(mut status) = self.status.lock() {
             status.last_flush = Some(crate::engine::rfc3339(SystemTime::now()));
             status.last_error = None;
-            status.samples_written += samples.len() as u64;
+            status.samples_written += written as u64;
             status.recovered_from_events += recovered;
         }
         Ok(FlushReport {
             store: self.path.display().to_string(),
-            samples: samples.len() as u64,
+            samples: written as u64,
         })
     }
 
     /// Samples of the growth of the summaries that grew since the last flush.
     fn samples(
         &mut self,
-        snapshot: &FlowSnapshot<(Totals, Totals)>,
+        flows: &[NamedFlow<(Totals, Totals)>],
+        workload_cgroups: &BTreeMap<String, Vec<PathBuf>>,
         now: SystemTime,
     ) -> Vec<FlowSample> {
         let mut samples = Vec::new();
-        for flow in &snapshot.flows {
+        for flow in flows {
             let summary = &flow.summary;
             let (_, growth) = flow.selected;
             if growth.is_zero() {
@@ -628,7 +645,7 @@ impl Recorder {
                 self.sender(
                     task,
                     summary.connect_task.as_ref(),
-                    snapshot.workload_cgroups.get(&flow.workload),
+                    workload_cgroups.get(&flow.workload),
                 )
             });
             let mut allowed = base.clone();

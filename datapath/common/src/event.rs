@@ -61,7 +61,10 @@ pub struct Event {
 }
 const _: () = assert!(core::mem::size_of::<Event>() == 104);
 
-pub const RING_BUFFER_BYTES: u32 = 1 << 22;
+/// 2 MiB: about 18,700 events, 0.4 s of a workload opening 48,000 connections a second to new
+/// destinations while the daemon is held up (it reads every 20 ms). The daemon maps a ring
+/// twice, so each MiB here is two of its resident memory.
+pub const RING_BUFFER_BYTES: u32 = 1 << 21;
 
 // Indexes of the per-CPU `COUNTERS` array.
 pub const COUNTER_EVENTS: u32 = 0;
