@@ -825,6 +825,21 @@ mod tests {
     }
 
     #[test]
+    fn tables_give_memory_back_after_a_burst() {
+        let mut table: HashMap<u32, u64> = (0..100_000).map(|i| (i, u64::from(i))).collect();
+        let burst = table.capacity();
+        table.retain(|key, _| *key < 10);
+        shrink_when_sparse(&mut table);
+        assert!(table.capacity() < burst / 100, "{}", table.capacity());
+        assert_eq!(table.len(), 10);
+        // A table in steady use keeps its room.
+        let mut busy: HashMap<u32, u64> = (0..10_000).map(|i| (i, 0)).collect();
+        let room = busy.capacity();
+        shrink_when_sparse(&mut busy);
+        assert_eq!(busy.capacity(), room);
+    }
+
+    #[test]
     fn processes_fall_back_to_proc_for_their_name() {
         let mut cache = ProcessCache::new();
         let me = std::process::id();
