@@ -590,9 +590,9 @@ impl Engine {
         }
     }
 
-    /// The kernel's flow summaries named for the recorder, with what it needs to judge them.
-    /// Walks the kernel's flow summaries and names the ones `select` picks (it sees each
-    /// summary with its workload's name and returns what the caller wants kept with it).
+    /// Walks the kernel's flow summaries and names for the recorder the ones `select` picks
+    /// (it sees each summary with its workload's name and returns what it keeps with it),
+    /// with what the recorder needs to judge them.
     /// Summaries of workloads a reload removed have no name any more and are skipped.
     pub fn flow_snapshot<T>(
         &mut self,
