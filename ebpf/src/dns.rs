@@ -9,7 +9,7 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE},
+    bindings::{__sk_buff, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE},
     btf_maps::SkStorage,
     helpers::generated::{bpf_ktime_get_ns, bpf_sk_storage_get, bpf_skb_cgroup_id},
     macros::{btf_map, map},
@@ -81,6 +81,14 @@ pub struct Scratch {
     found_wildcard: u32,
     /// The name may be asked about: a rule's name or a search-list expansion of one.
     question_allowed: u32,
+    /// The FQDN key being looked up by a walk step: the steps run on a frame of their own,
+    /// and egress has no stack left for one.
+    lookup: FqdnKey,
+    /// The answer record being read: its compressed owner name (2 bytes), then type, class,
+    /// TTL and data length. Here rather than on the stack, for the same reason.
+    record: [u8; 12],
+    /// The answered address being allowed, as its `FQDN_ADDRESSES` key.
+    answer_key: AllowKey,
 }
 
 #[map]
@@ -206,91 +214,143 @@ fn read_name(ctx: &SkBuffContext, offset: usize, workload: u32) -> NameMatch {
     }
     let available = wanted as usize;
 
-    // Forward: find the label boundaries and the end. Plain integers, no Option: LLVM may
-    // carry an Option's undefined payload in a register, which the verifier refuses to read
-    // ("!read_ok"). Volatile stores keep the clearing from becoming a memset call.
+    // Forward: find the label boundaries and the end. Volatile stores keep the clearing from
+    // becoming a memset call.
     for word in 0..4 {
         // SAFETY: writes within the per-CPU scratch area.
         unsafe { core::ptr::write_volatile(&mut scratch.label_starts[word], 0) };
     }
-    let mut pos: usize = 0;
-    let mut labels = 0;
-    // 0: no end found (or the root name, which no question we accept asks for).
-    let mut end: usize = 0;
-    while labels < MAX_LABELS {
-        if pos >= available {
-            break;
-        }
-        let len = scratch.name[pos & (NAME_BUFFER - 1)];
-        if len == 0 {
-            end = pos;
-            break;
-        }
-        if len > 63 {
-            // A compression pointer or a reserved label type: not in a question we accept.
-            break;
-        }
-        scratch.label_starts[(pos >> 6) & 3] |= 1u64 << (pos & 63);
-        pos += usize::from(len) + 1;
-        labels += 1;
-    }
+    let mut walk = NameWalk {
+        scratch,
+        limit: available as u64,
+        cursor: 0,
+        found: 0,
+        workload,
+    };
+    crate::loops::walk(MAX_LABELS, label_step, &mut walk);
+    let end = walk.found;
     if end == 0 {
         return NameMatch::NONE;
     }
 
     // Backward: the hash of each suffix is ready at the label length before it.
+    // SAFETY: per-CPU scratch, this program is its only user on this CPU.
+    let scratch = unsafe { &mut *walk.scratch };
     scratch.found_exact = 0;
     scratch.found_wildcard = 0;
     scratch.question_allowed = 0;
-    let mut hash = NAME_HASH_START;
-    let mut i = end;
-    let mut steps = 0;
-    while steps < NAME_BUFFER && i > 0 {
-        i -= 1;
-        steps += 1;
-        let index = i & (NAME_BUFFER - 1);
-        let is_length = scratch.label_starts[(index >> 6) & 3] & (1u64 << (index & 63)) != 0;
-        if !is_length {
-            hash = name_hash_step(hash, scratch.name[index]);
-            continue;
-        }
-        // `hash` now covers the suffix that starts after this length byte.
-        if workload != 0 {
-            let key = FqdnKey {
-                workload,
-                reserved: 0,
-                hash,
+    walk.limit = end;
+    walk.cursor = NAME_HASH_START;
+    walk.found = 0;
+    crate::loops::walk(NAME_BUFFER as u32, suffix_step, &mut walk);
+    if walk.found == 0 {
+        return NameMatch::NONE;
+    }
+    NameMatch {
+        hash: walk.cursor,
+        wire_len: end as usize + 1,
+    }
+}
+
+/// The context of [`read_name`]'s two walks: one struct for both, as egress has little stack
+/// to spare. Plain integers, no Option: LLVM may carry an Option's undefined payload in a
+/// register, which the verifier refuses to read ("!read_ok").
+#[repr(C)]
+struct NameWalk {
+    scratch: *mut Scratch,
+    /// Forward: how many bytes of the name buffer hold packet data. Backward: the index of
+    /// the name's final zero byte (step k hashes byte `limit - 1 - k`).
+    limit: u64,
+    /// Forward: where the next label length is. Backward: the hash so far.
+    cursor: u64,
+    /// Forward: the index of the final zero byte; 0 while not found (or for the root name,
+    /// which no question we accept asks for). Backward: 1 once the whole name is hashed.
+    found: u64,
+    /// 0: hash only, look nothing up.
+    workload: u32,
+}
+
+/// One label of the forward walk: marks where it starts; stops at the final zero byte.
+extern "C" fn label_step(_index: u32, context: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop passes back the NameWalk read_name gave it.
+    let walk = unsafe { &mut *context.cast::<NameWalk>() };
+    // SAFETY: the per-CPU scratch area, valid for the program's run.
+    let scratch = unsafe { &mut *walk.scratch };
+    let pos = walk.cursor as usize;
+    if pos >= walk.limit as usize {
+        return 1;
+    }
+    let len = scratch.name[pos & (NAME_BUFFER - 1)];
+    if len == 0 {
+        walk.found = pos as u64;
+        return 1;
+    }
+    if len > 63 {
+        // A compression pointer or a reserved label type: not in a question we accept.
+        return 1;
+    }
+    scratch.label_starts[(pos >> 6) & 3] |= 1u64 << (pos & 63);
+    walk.cursor = (pos + usize::from(len) + 1) as u64;
+    0
+}
+
+/// One byte of the backward walk, from the last: the hash of each suffix is complete at the
+/// label length before it, where the workload's FQDN entries are looked up.
+extern "C" fn suffix_step(step: u32, context: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop passes back the NameWalk read_name gave it.
+    let walk = unsafe { &mut *context.cast::<NameWalk>() };
+    // SAFETY: the per-CPU scratch area, valid for the program's run.
+    let scratch = unsafe { &mut *walk.scratch };
+    let step = step as usize;
+    let end = walk.limit as usize;
+    if step >= end {
+        return 1;
+    }
+    // Derived from the step's index, which the verifier does not track, so the step converges.
+    let index = (end - 1 - step) & (NAME_BUFFER - 1);
+    let is_length = scratch.label_starts[(index >> 6) & 3] & (1u64 << (index & 63)) != 0;
+    if !is_length {
+        walk.cursor = name_hash_step(walk.cursor, scratch.name[index]);
+        return 0;
+    }
+    // The hash now covers the suffix that starts after this length byte.
+    let hash = walk.cursor;
+    if walk.workload != 0 {
+        scratch.lookup = FqdnKey {
+            workload: walk.workload,
+            reserved: 0,
+            hash,
+        };
+        // A reference, not a copy: the copy would be on this step's stack.
+        #[allow(clippy::needless_borrows_for_generic_args)]
+        let value = FQDN.get_ptr(&scratch.lookup);
+        if let Some(value) = value {
+            // SAFETY: map value pointer, read once.
+            let flags = unsafe { (*value).flags };
+            if index == 0 && flags & FQDN_EXACT != 0 {
+                scratch.found_exact = 1;
+                scratch.exact_hash = hash;
+            }
+            if index != 0 && flags & FQDN_WILDCARD != 0 {
+                scratch.found_wildcard = 1;
+                scratch.wildcard_hash = hash;
+            }
+            let asks = if index == 0 {
+                FQDN_EXACT | FQDN_SEARCH_EXACT
+            } else {
+                FQDN_WILDCARD | FQDN_SEARCH_WILDCARD
             };
-            if let Some(value) = FQDN.get_ptr(key) {
-                // SAFETY: map value pointer, read once.
-                let flags = unsafe { (*value).flags };
-                if index == 0 && flags & FQDN_EXACT != 0 {
-                    scratch.found_exact = 1;
-                    scratch.exact_hash = hash;
-                }
-                if index != 0 && flags & FQDN_WILDCARD != 0 {
-                    scratch.found_wildcard = 1;
-                    scratch.wildcard_hash = hash;
-                }
-                let asks = if index == 0 {
-                    FQDN_EXACT | FQDN_SEARCH_EXACT
-                } else {
-                    FQDN_WILDCARD | FQDN_SEARCH_WILDCARD
-                };
-                if flags & asks != 0 {
-                    scratch.question_allowed = 1;
-                }
+            if flags & asks != 0 {
+                scratch.question_allowed = 1;
             }
         }
-        if index == 0 {
-            return NameMatch {
-                hash,
-                wire_len: end + 1,
-            };
-        }
-        hash = name_hash_step(hash, b'.');
     }
-    NameMatch::NONE
+    if index == 0 {
+        walk.found = 1;
+        return 1;
+    }
+    walk.cursor = name_hash_step(hash, b'.');
+    0
 }
 
 /// Header fields we need: id, whether it is a response, question and answer counts.
@@ -479,20 +539,13 @@ fn load_matched_rules(workload: u32) -> bool {
     true
 }
 
-/// Allows `addr` for `workload` with the rules `load_matched_rules` left in the scratch area.
-/// Another name may already hold the address: its rules stay and these are added (the daemon
-/// rewrites the entry with the exact union right after it parses the answer).
+/// Allows the address of `scratch.answer_key` with the rules `load_matched_rules` left in
+/// `scratch.value`. Another name may already hold the address: its rules stay and these are
+/// added (the daemon rewrites the entry with the exact union right after it parses the answer).
 #[inline(always)]
-fn allow_address(workload: u32, addr: Addr) -> bool {
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
-        return false;
-    };
-    // SAFETY: per-CPU scratch, this program is its only user on this CPU.
-    let value = unsafe { &(*scratch).value };
-    let key = AllowKey {
-        workload_be: workload.to_be_bytes(),
-        addr,
-    };
+fn allow_address(scratch: &mut Scratch) -> bool {
+    let value = &scratch.value;
+    let key = &scratch.answer_key;
     let Some(existing) = FQDN_ADDRESSES.get_ptr_mut(key) else {
         return FQDN_ADDRESSES
             .insert(key, value, u64::from(BPF_NOEXIST))
@@ -521,47 +574,91 @@ fn allow_address(workload: u32, addr: Addr) -> bool {
 
 /// Walks the answer records after the question and allows every A/AAAA address. Owner names
 /// must be compressed (as resolvers send them); anything else stops the walk and is left to
-/// the daemon, which parses the whole answer.
+/// the daemon, which parses the whole answer. A bpf_loop walk (see `loops`).
 #[inline(always)]
-fn allow_answers(ctx: &SkBuffContext, mut offset: usize, answers: u16, workload: u32) -> u32 {
-    let mut inserted = 0;
-    let mut record = 0;
-    while record < MAX_ANSWER_RECORDS {
-        if record >= u32::from(answers) {
-            break;
-        }
-        record += 1;
-        let Ok(owner) = ctx.load::<u8>(offset) else {
-            break;
-        };
-        if owner & 0xc0 != 0xc0 {
-            break;
-        }
-        offset += 2;
-        let Ok(fixed) = ctx.load::<[u8; 10]>(offset) else {
-            break;
-        };
-        offset += 10;
-        let kind = u16::from_be_bytes([fixed[0], fixed[1]]);
-        let length = usize::from(u16::from_be_bytes([fixed[8], fixed[9]]));
-        let addr = if kind == TYPE_A && length == 4 {
-            ctx.load::<[u8; 4]>(offset).ok().map(v4_mapped)
-        } else if kind == TYPE_AAAA && length == 16 {
-            ctx.load::<[u8; 16]>(offset).ok()
-        } else {
-            None
-        };
-        if let Some(addr) = addr {
-            if allow_address(workload, addr) {
-                count(COUNTER_FQDN_INSERTS);
-                inserted += 1;
-            } else {
-                count(COUNTER_FQDN_INSERT_FAILURES);
-            }
-        }
-        offset += length;
+fn allow_answers(ctx: &SkBuffContext, offset: usize, answers: u16, workload: u32) -> u32 {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    let mut walk = AnswerWalk {
+        skb: ctx.skb.skb,
+        scratch,
+        offset: offset as u64,
+        answers: u32::from(answers),
+        workload,
+        inserted: 0,
+    };
+    crate::loops::walk(MAX_ANSWER_RECORDS, answer_step, &mut walk);
+    walk.inserted
+}
+
+/// The context of [`allow_answers`]' walk.
+#[repr(C)]
+struct AnswerWalk {
+    skb: *mut __sk_buff,
+    scratch: *mut Scratch,
+    /// Where the next record starts.
+    offset: u64,
+    answers: u32,
+    workload: u32,
+    inserted: u32,
+}
+
+/// Copies `N` bytes of the packet at `offset` into `dst`; false if the packet is shorter.
+#[inline(always)]
+fn load_into<const N: usize>(skb: *mut __sk_buff, offset: usize, dst: &mut [u8; N]) -> bool {
+    // SAFETY: the helper writes exactly N bytes into dst.
+    unsafe {
+        aya_ebpf::helpers::generated::bpf_skb_load_bytes(
+            skb.cast::<c_void>(),
+            offset as u32,
+            dst.as_mut_ptr().cast::<c_void>(),
+            N as u32,
+        ) == 0
     }
-    inserted
+}
+
+/// One answer record: allows its address if it is an A or AAAA record; stops after the last
+/// record or at one it cannot read.
+extern "C" fn answer_step(record: u32, context: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop passes back the AnswerWalk allow_answers gave it.
+    let walk = unsafe { &mut *context.cast::<AnswerWalk>() };
+    if record >= walk.answers {
+        return 1;
+    }
+    // SAFETY: the per-CPU scratch area, valid for the program's run.
+    let scratch = unsafe { &mut *walk.scratch };
+    let offset = walk.offset as usize;
+    if !load_into(walk.skb, offset, &mut scratch.record) || scratch.record[0] & 0xc0 != 0xc0 {
+        return 1;
+    }
+    let fixed = &scratch.record;
+    let kind = u16::from_be_bytes([fixed[2], fixed[3]]);
+    let length = usize::from(u16::from_be_bytes([fixed[10], fixed[11]]));
+    let data = offset + 12;
+    scratch.answer_key.workload_be = walk.workload.to_be_bytes();
+    let addr = &mut scratch.answer_key.addr;
+    let loaded = if kind == TYPE_A && length == 4 {
+        *addr = v4_mapped([0; 4]);
+        let mut octets = [0u8; 4];
+        let loaded = load_into(walk.skb, data, &mut octets);
+        addr[12..].copy_from_slice(&octets);
+        loaded
+    } else if kind == TYPE_AAAA && length == 16 {
+        load_into(walk.skb, data, addr)
+    } else {
+        false
+    };
+    if loaded {
+        if allow_address(scratch) {
+            count(COUNTER_FQDN_INSERTS);
+            walk.inserted += 1;
+        } else {
+            count(COUNTER_FQDN_INSERT_FAILURES);
+        }
+    }
+    walk.offset = (data + length) as u64;
+    0
 }
 
 /// Ingress: an answer from a resolver to a workload's socket.

@@ -10,6 +10,7 @@
 
 mod dns;
 mod flows;
+mod loops;
 mod maps;
 mod packet;
 mod verdict;

@@ -276,20 +276,6 @@ pub fn socket_workload(
     workload
 }
 
-#[inline(always)]
-fn rule_matches(rule_protocol: u8, first: u16, last: u16, flow: &Flow) -> bool {
-    let protocol_ok = rule_protocol == PROTOCOL_ANY
-        || rule_protocol == flow.protocol
-        || (rule_protocol == PROTOCOL_ICMP_ANY
-            && (flow.protocol == IPPROTO_ICMP || flow.protocol == IPPROTO_ICMPV6));
-    let port_ok = if flow.has_port {
-        first <= flow.dst_port && flow.dst_port <= last
-    } else {
-        first == 0 && last == u16::MAX
-    };
-    protocol_ok && port_ok
-}
-
 /// Some(flags of the matching entry) when a rule allows the flow.
 #[inline(always)]
 fn allow_rule_matches(workload: u32, flow: &Flow) -> Option<u32> {
@@ -309,20 +295,56 @@ fn allow_rule_matches(workload: u32, flow: &Flow) -> Option<u32> {
     rules_match(value, flow).then_some(value.flags)
 }
 
+/// What [`rules_match`] looks for and what it found: the context bpf_loop hands to each step.
+#[repr(C)]
+struct RuleSearch {
+    value: *const AllowValue,
+    dst_port: u16,
+    protocol: u8,
+    has_port: bool,
+    matched: bool,
+}
+
+/// Whether one of `value`'s port rules admits the flow. A bpf_loop walk (see `loops`): as an
+/// open loop, the 16 rules were two thirds of egress's verification.
 #[inline(always)]
 fn rules_match(value: &AllowValue, flow: &Flow) -> bool {
-    let mut i = 0;
-    while i < MAX_PORT_RULES {
-        if i as u32 >= value.count {
-            break;
-        }
-        let rule = &value.rules[i];
-        if rule_matches(rule.protocol, rule.port_first, rule.port_last, flow) {
-            return true;
-        }
-        i += 1;
+    let mut search = RuleSearch {
+        value,
+        dst_port: flow.dst_port,
+        protocol: flow.protocol,
+        has_port: flow.has_port,
+        matched: false,
+    };
+    crate::loops::walk(MAX_PORT_RULES as u32, rule_search_step, &mut search);
+    search.matched
+}
+
+/// One step of [`rules_match`]: 1 (stop) after the last rule or at the first that matches.
+extern "C" fn rule_search_step(index: u32, context: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop passes back the RuleSearch that rules_match gave it.
+    let search = unsafe { &mut *context.cast::<RuleSearch>() };
+    // SAFETY: a map value, valid for the program's run.
+    let value = unsafe { &*search.value };
+    if index >= value.count {
+        return 1;
     }
-    false
+    let rule = &value.rules[index as usize & (MAX_PORT_RULES - 1)];
+    let flow_protocol = search.protocol;
+    let protocol_ok = rule.protocol == PROTOCOL_ANY
+        || rule.protocol == flow_protocol
+        || (rule.protocol == PROTOCOL_ICMP_ANY
+            && (flow_protocol == IPPROTO_ICMP || flow_protocol == IPPROTO_ICMPV6));
+    let port_ok = if search.has_port {
+        rule.port_first <= search.dst_port && search.dst_port <= rule.port_last
+    } else {
+        rule.port_first == 0 && rule.port_last == u16::MAX
+    };
+    if protocol_ok && port_ok {
+        search.matched = true;
+        return 1;
+    }
+    0
 }
 
 #[inline(always)]
