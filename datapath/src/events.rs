@@ -341,13 +341,22 @@ pub struct DnsAnswer {
     pub comm: String,
 }
 
+/// Decodes one record of the DNS ring: a `DnsAnswer` cut after its `payload_len` bytes of
+/// payload.
 pub(crate) fn decode_dns(bytes: &[u8], clock: &Clock) -> Result<DnsAnswer, DatapathError> {
-    if bytes.len() < size_of::<raw::DnsAnswer>() {
+    let payload = bytes
+        .get(raw::DNS_ANSWER_HEADER_LEN..)
+        .ok_or(DatapathError::ShortEvent { len: bytes.len() })?;
+    let mut whole = [0u8; size_of::<raw::DnsAnswer>()];
+    let kept = bytes.len().min(whole.len());
+    whole[..kept].copy_from_slice(&bytes[..kept]);
+    // SAFETY: `whole` is a DnsAnswer's size; DnsAnswer is plain old data, valid for any bytes;
+    // read_unaligned copes with alignment.
+    let answer: raw::DnsAnswer = unsafe { std::ptr::read_unaligned(whole.as_ptr().cast()) };
+    let len = answer.payload_len as usize;
+    if len > payload.len().min(raw::DNS_PAYLOAD_MAX) {
         return Err(DatapathError::ShortEvent { len: bytes.len() });
     }
-    // SAFETY: length checked; DnsAnswer is plain old data; read_unaligned copes with alignment.
-    let answer: raw::DnsAnswer = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-    let len = (answer.payload_len as usize).min(raw::DNS_PAYLOAD_MAX);
     let unspecified = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
     Ok(DnsAnswer {
         time: clock.wall(answer.timestamp_ns),
@@ -362,7 +371,7 @@ pub(crate) fn decode_dns(bytes: &[u8], clock: &Clock) -> Result<DnsAnswer, Datap
             answer.client_port,
         ),
         message_len: answer.message_len as usize,
-        payload: answer.payload[..len].to_vec(),
+        payload: payload[..len].to_vec(),
         name_allowed: answer.flags & raw::DNS_ANSWER_NAME_ALLOWED != 0,
         tcp: answer.flags & raw::DNS_ANSWER_TCP != 0,
         inserted: answer.inserted,
@@ -455,5 +464,64 @@ mod tests {
             ..Default::default()
         };
         assert!(decode(&raw_bytes(&event), &Clock::new()).is_err());
+    }
+
+    /// A DNS record as the kernel writes it: the header, then `payload` and nothing after.
+    fn dns_record(payload: &[u8], payload_len: u32) -> Vec<u8> {
+        let mut answer = raw::DnsAnswer {
+            timestamp_ns: 0,
+            cgroup_id: 7,
+            workload: 3,
+            payload_len,
+            message_len: payload.len() as u32,
+            server_port: 53,
+            client_port: 40000,
+            server_addr: egressd_common::v4_mapped([127, 0, 0, 53]),
+            client_addr: egressd_common::v4_mapped([127, 0, 0, 1]),
+            family: 4,
+            protocol: 17,
+            flags: raw::DNS_ANSWER_NAME_ALLOWED,
+            inserted: 1,
+            tgid: 0,
+            tid: 0,
+            comm: [0; 16],
+            payload: [0; raw::DNS_PAYLOAD_MAX],
+        };
+        answer.payload[..payload.len()].copy_from_slice(payload);
+        // SAFETY: DnsAnswer is plain old data without padding.
+        let whole = unsafe {
+            std::slice::from_raw_parts(
+                (&answer as *const raw::DnsAnswer).cast::<u8>(),
+                size_of::<raw::DnsAnswer>(),
+            )
+        };
+        whole[..raw::DNS_ANSWER_HEADER_LEN + payload.len()].to_vec()
+    }
+
+    #[test]
+    fn dns_records_end_after_their_payload() {
+        let payload = [0xab; 100];
+        let record = dns_record(&payload, 100);
+        assert_eq!(record.len(), 196);
+        let decoded = decode_dns(&record, &Clock::new()).expect("decodes");
+        assert_eq!(decoded.payload, payload);
+        assert_eq!(decoded.workload, 3);
+        assert_eq!(decoded.server, "127.0.0.53:53".parse().expect("address"));
+        assert!(decoded.name_allowed);
+        assert_eq!(decoded.refused_query, None);
+    }
+
+    #[test]
+    fn dns_records_shorter_than_they_claim_are_errors_not_panics() {
+        // A payload length past the record's end.
+        let record = dns_record(&[1; 10], 11);
+        assert!(decode_dns(&record, &Clock::new()).is_err());
+        // Cut inside the header.
+        assert!(decode_dns(&record[..50], &Clock::new()).is_err());
+        // A length past the largest payload the kernel copies.
+        let mut long = dns_record(&[1; 10], 10);
+        let at = core::mem::offset_of!(raw::DnsAnswer, payload_len);
+        long[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decode_dns(&long, &Clock::new()).is_err());
     }
 }

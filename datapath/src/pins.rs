@@ -43,8 +43,13 @@ pub(crate) const PINNED_MAPS: [&str; 15] = [
 
 /// Per-CPU scratch space and the program log: nothing in them survives a program run.
 /// The program array is each daemon's own: its egress program tail-calls its dns_query.
-pub(crate) const UNPINNED_MAPS: [&str; 4] =
-    ["SCRATCH", "FLOW_SCRATCH", "AYA_LOGS", "DNS_QUERY_PROGRAM"];
+pub(crate) const UNPINNED_MAPS: [&str; 5] = [
+    "SCRATCH",
+    "FLOW_SCRATCH",
+    "ANSWER_SCRATCH",
+    "AYA_LOGS",
+    "DNS_QUERY_PROGRAM",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum PinError {
@@ -291,14 +296,15 @@ mod tests {
             // Records of the pinned ring buffers, which a new daemon reads on adoption.
             size_of::<event::Event>(),
             size_of::<event::DnsAnswer>(),
+            event::DNS_ANSWER_HEADER_LEN,
         ];
         assert_eq!(
             (LAYOUT_VERSION, layout),
             (
-                5,
+                6,
                 [
                     20, 104, 16, 8, 16, 72, 24, 120, 16, 208, 264, 262144, 4096, 4096, 65536,
-                    65536, 65536, 131072, 16, 2097152, 4194304, 104, 2144
+                    65536, 65536, 131072, 16, 2097152, 1048576, 104, 2144, 96
                 ]
             ),
             "bump LAYOUT_VERSION, then record the new layout here"

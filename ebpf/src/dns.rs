@@ -25,8 +25,9 @@ use egressd_common::{
     },
     event::{
         COUNTER_DNS_ANSWERS, COUNTER_DNS_DROPS, COUNTER_DNS_QUERIES_REFUSED, COUNTER_DNS_REJECTED,
-        COUNTER_FQDN_INSERT_FAILURES, COUNTER_FQDN_INSERTS, DNS_ANSWER_NAME_ALLOWED,
-        DNS_ANSWER_TCP, DNS_PAYLOAD_MAX, DNS_QUERY_REFUSED, DNS_QUERY_WOULD_REFUSE, DnsAnswer,
+        COUNTER_FQDN_INSERT_FAILURES, COUNTER_FQDN_INSERTS, DNS_ANSWER_HEADER_LEN,
+        DNS_ANSWER_NAME_ALLOWED, DNS_ANSWER_TCP, DNS_PAYLOAD_MAX, DNS_QUERY_REFUSED,
+        DNS_QUERY_WOULD_REFUSE, DnsAnswer,
     },
     policy::{
         ALLOW_FLAG_DYNAMIC, AllowKey, AllowValue, MAX_PORT_RULES, MODE_AUDIT, MODE_STRICT,
@@ -93,6 +94,10 @@ pub struct Scratch {
 
 #[map]
 static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU room to build the DNS answer record sent to userspace.
+#[map]
+static ANSWER_SCRATCH: PerCpuArray<DnsAnswer> = PerCpuArray::with_max_entries(1, 0);
 
 /// Slot 0: the `dns_query` program, set by userspace after loading it.
 #[map]
@@ -639,11 +644,11 @@ extern "C" fn answer_step(record: u32, context: *mut c_void) -> i64 {
     scratch.answer_key.workload_be = walk.workload.to_be_bytes();
     let addr = &mut scratch.answer_key.addr;
     let loaded = if kind == TYPE_A && length == 4 {
+        // Straight into the mapped form's last four bytes, no copy on the stack: ingress's
+        // frame leaves this step 48 of the 512 bytes its calls may use together.
         *addr = v4_mapped([0; 4]);
-        let mut octets = [0u8; 4];
-        let loaded = load_into(walk.skb, data, &mut octets);
-        addr[12..].copy_from_slice(&octets);
-        loaded
+        addr.last_chunk_mut::<4>()
+            .is_some_and(|octets| load_into(walk.skb, data, octets))
     } else if kind == TYPE_AAAA && length == 16 {
         load_into(walk.skb, data, addr)
     } else {
@@ -734,18 +739,20 @@ fn forward(
     if copy_len == 0 {
         return;
     }
-    // A bound the verifier tracks: 1..=512 (the volatile read keeps LLVM from folding it).
+    // A bound the verifier tracks: 1..=DNS_PAYLOAD_MAX (the volatile read keeps LLVM from
+    // folding it).
     let copy_len = copy_len as u32;
     // SAFETY: reads a local.
     let copy_len = unsafe { core::ptr::read_volatile(&copy_len) };
     let copy_len = (copy_len.wrapping_sub(1) & (DNS_PAYLOAD_MAX as u32 - 1)) + 1;
-    let Some(mut entry) = DNS_ANSWERS.reserve::<DnsAnswer>(0) else {
+    // Built in per-CPU scratch and copied out cut after the payload: a reservation has a
+    // fixed size, which would be the whole 2 KiB payload for every answer.
+    let Some(answer) = ANSWER_SCRATCH.get_ptr_mut(0) else {
         count(COUNTER_DNS_DROPS);
         return;
     };
-    let answer = entry.as_mut_ptr();
     let skb = ctx.skb.skb;
-    // SAFETY: answer is a reserved, writable DnsAnswer; the helper writes at most
+    // SAFETY: answer is per-CPU scratch of a whole DnsAnswer; the helper writes at most
     // copy_len <= DNS_PAYLOAD_MAX bytes into its payload.
     let loaded = unsafe {
         aya_ebpf::helpers::generated::bpf_skb_load_bytes(
@@ -756,11 +763,10 @@ fn forward(
         )
     };
     if loaded != 0 {
-        entry.discard(0);
         count(COUNTER_DNS_DROPS);
         return;
     }
-    // SAFETY: plain writes into the reservation.
+    // SAFETY: plain writes into the per-CPU scratch answer.
     unsafe {
         (*answer).timestamp_ns = bpf_ktime_get_ns();
         (*answer).cgroup_id = bpf_skb_cgroup_id(skb);
@@ -791,9 +797,19 @@ fn forward(
         (*answer).tid = creator.tid;
         (*answer).comm = creator.comm;
     }
-    entry.submit(crate::verdict::ring_wakeup(
-        &DNS_ANSWERS,
-        egressd_common::event::DNS_RING_BUFFER_BYTES,
-    ));
-    count(COUNTER_DNS_ANSWERS);
+    // SAFETY: the scratch answer is DNS_ANSWER_HEADER_LEN + DNS_PAYLOAD_MAX bytes and
+    // copy_len <= DNS_PAYLOAD_MAX.
+    let record = unsafe {
+        core::slice::from_raw_parts(
+            answer.cast::<u8>(),
+            DNS_ANSWER_HEADER_LEN + copy_len as usize,
+        )
+    };
+    let wakeup =
+        crate::verdict::ring_wakeup(&DNS_ANSWERS, egressd_common::event::DNS_RING_BUFFER_BYTES);
+    if DNS_ANSWERS.output::<[u8]>(record, wakeup).is_ok() {
+        count(COUNTER_DNS_ANSWERS);
+    } else {
+        count(COUNTER_DNS_DROPS);
+    }
 }

@@ -92,7 +92,9 @@ pub const COUNTERS_LEN: u32 = 16;
 /// allowed from it, and its clean-up of unadopted learned addresses removes them.
 /// A power of two: the kernel bounds the copy length with a mask.
 pub const DNS_PAYLOAD_MAX: usize = 2048;
-pub const DNS_RING_BUFFER_BYTES: u32 = 1 << 22;
+/// Records are [`DnsAnswer`]s cut after their payload (most answers are a few hundred bytes),
+/// so 1 MiB holds thousands; the daemon maps a ring twice, so each MiB here is two resident.
+pub const DNS_RING_BUFFER_BYTES: u32 = 1 << 20;
 
 /// `DnsAnswer::flags`: the question name matches an FQDN rule of the workload.
 pub const DNS_ANSWER_NAME_ALLOWED: u16 = 1;
@@ -105,6 +107,8 @@ pub const DNS_QUERY_REFUSED: u16 = 1 << 2;
 pub const DNS_QUERY_WOULD_REFUSE: u16 = 1 << 3;
 
 /// A DNS answer (UDP from port 53) received by a socket of a workload, for userspace to parse.
+/// In the ring buffer it ends after `payload_len` bytes of `payload` (see
+/// [`DNS_ANSWER_HEADER_LEN`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DnsAnswer {
@@ -133,6 +137,9 @@ pub struct DnsAnswer {
     pub payload: [u8; DNS_PAYLOAD_MAX],
 }
 const _: () = assert!(core::mem::size_of::<DnsAnswer>() == 96 + DNS_PAYLOAD_MAX);
+/// Bytes of a [`DnsAnswer`] record before its payload.
+pub const DNS_ANSWER_HEADER_LEN: usize = core::mem::offset_of!(DnsAnswer, payload);
+const _: () = assert!(DNS_ANSWER_HEADER_LEN == 96);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -29,5 +29,6 @@ pub const fn v4_mapped(octets: [u8; 4]) -> Addr {
 
 /// Bumped whenever a map layout or a numeric code changes meaning; recorded by userspace so
 /// that pinned state from another layout is never misread. 4: `SOCKET_STATE` is cloned into
-/// accepted sockets (`BPF_F_CLONE`). 5: the event ring buffer is 2 MiB.
-pub const LAYOUT_VERSION: u32 = 5;
+/// accepted sockets (`BPF_F_CLONE`). 5: the event ring buffer is 2 MiB. 6: DNS answer records
+/// end after their payload; their ring is 1 MiB.
+pub const LAYOUT_VERSION: u32 = 6;
