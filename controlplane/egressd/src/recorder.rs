@@ -7,7 +7,7 @@
 //! kernel table loses: nothing distinct, because every first sight is also an event, and an
 //! event whose summary was evicted before a flush is recorded from the event itself.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
@@ -145,7 +145,7 @@ pub fn create(state_dir: &Path, settings: ObserveSettings) -> (Handle, Unstarted
         previous: HashMap::new(),
         walk: 0,
         pending: HashMap::new(),
-        workload_names: HashSet::new(),
+        workload_names: WorkloadNames::default(),
         processes: ProcessCache::new(),
         status: status.clone(),
         last_prune: None,
@@ -213,24 +213,97 @@ struct Seen {
     walk: u32,
 }
 
-/// The destination of a pending first sight. Workload names are shared (interned), so a
-/// burst of 100,000 new destinations costs no string per sighting.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// The destination of a pending first sight. Workloads are named by their number in
+/// [`WorkloadNames`], so a burst of 100,000 new destinations costs no string per sighting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct PendingKey {
-    workload: Arc<str>,
+    workload: u32,
     address: IpAddr,
     port: Option<u16>,
     protocol: u8,
 }
 
-/// What a pending first sight keeps until the kernel's summary accounts for it (about 100
-/// bytes each, with the map's share).
+/// What a pending first sight keeps until the kernel's summary accounts for it: 80 bytes
+/// with its key, as a burst may leave 100,000 of them waiting for the next flush.
 #[derive(Debug)]
 struct PendingSighting {
-    at: SystemTime,
+    /// Nanoseconds since the Unix epoch (half a `SystemTime`).
+    at_ns: u64,
     verdict: SampleVerdict,
     dns_name: Option<Box<str>>,
-    comm: Option<Box<str>>,
+    comm: ShortName,
+}
+
+impl PendingSighting {
+    fn at(&self) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_nanos(self.at_ns)
+    }
+}
+
+fn nanos_since_epoch(at: SystemTime) -> u64 {
+    at.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |since| {
+            u64::try_from(since.as_nanos()).unwrap_or(u64::MAX)
+        })
+}
+
+/// A process name kept inline: the kernel's are at most 15 bytes. A longer one (only a name
+/// whose invalid UTF-8 was replaced gets there) is cut at a character boundary.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct ShortName([u8; 16]);
+
+impl ShortName {
+    fn new(name: &str) -> ShortName {
+        let mut end = name.len().min(16);
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut bytes = [0; 16];
+        bytes[..end].copy_from_slice(&name.as_bytes()[..end]);
+        ShortName(bytes)
+    }
+
+    /// None for the empty name.
+    fn get(&self) -> Option<&str> {
+        let len = self.0.iter().position(|&b| b == 0).unwrap_or(16);
+        // Cut at a character boundary when made, so always valid.
+        std::str::from_utf8(&self.0[..len])
+            .ok()
+            .filter(|name| !name.is_empty())
+    }
+}
+
+/// The names of the workloads pending sightings belong to, numbered.
+#[derive(Debug, Default)]
+struct WorkloadNames {
+    numbers: HashMap<Arc<str>, u32>,
+    names: Vec<Arc<str>>,
+}
+
+impl WorkloadNames {
+    fn number(&mut self, name: &str) -> u32 {
+        if let Some(&number) = self.numbers.get(name) {
+            return number;
+        }
+        let number = u32::try_from(self.names.len()).unwrap_or(u32::MAX);
+        let name: Arc<str> = Arc::from(name);
+        self.names.push(Arc::clone(&name));
+        self.numbers.insert(name, number);
+        number
+    }
+
+    fn existing(&self, name: &str) -> Option<u32> {
+        self.numbers.get(name).copied()
+    }
+
+    fn name(&self, number: u32) -> &str {
+        self.names.get(number as usize).map_or("", |name| name)
+    }
+
+    fn clear(&mut self) {
+        self.numbers.clear();
+        self.names.clear();
+    }
 }
 
 /// The counters of a summary at the last flush.
@@ -326,8 +399,8 @@ struct Recorder {
     /// Counts the walks of the kernel's table (marks what each walk saw in `previous`).
     walk: u32,
     pending: HashMap<PendingKey, PendingSighting>,
-    /// The workload names pending sightings share.
-    workload_names: HashSet<Arc<str>>,
+    /// The workloads of pending sightings.
+    workload_names: WorkloadNames,
     processes: ProcessCache,
     status: Arc<Mutex<ObserveStatus>>,
     last_prune: Option<Instant>,
@@ -404,14 +477,7 @@ impl Recorder {
     }
 
     fn pend(&mut self, sighting: Sighting) {
-        let workload = match self.workload_names.get(sighting.key.workload.as_str()) {
-            Some(name) => Arc::clone(name),
-            None => {
-                let name: Arc<str> = Arc::from(sighting.key.workload.as_str());
-                self.workload_names.insert(Arc::clone(&name));
-                name
-            }
-        };
+        let workload = self.workload_names.number(&sighting.key.workload);
         let key = PendingKey {
             workload,
             address: sighting.key.address,
@@ -422,12 +488,12 @@ impl Recorder {
             return;
         }
         self.pending.entry(key).or_insert_with(|| PendingSighting {
-            at: sighting.at,
+            at_ns: nanos_since_epoch(sighting.at),
             verdict: sighting.verdict,
             dns_name: sighting.dns_name.map(String::into_boxed_str),
             comm: sighting
                 .process
-                .map(|process| process.comm.into_boxed_str()),
+                .map_or_else(ShortName::default, |process| ShortName::new(&process.comm)),
         });
     }
 
@@ -487,10 +553,10 @@ impl Recorder {
             .flow_snapshot(|summary, workload| {
                 // The summary accounts for the first sight: its event adds nothing.
                 if !pending.is_empty()
-                    && let Some(workload) = workload_names.get(workload)
+                    && let Some(workload) = workload_names.existing(workload)
                 {
                     pending.remove(&PendingKey {
-                        workload: Arc::clone(workload),
+                        workload,
                         address: summary.address,
                         port: summary.port,
                         protocol: summary.protocol,
@@ -706,20 +772,21 @@ impl Recorder {
         let overdue: Vec<PendingKey> = self
             .pending
             .iter()
-            .filter(|(_, sighting)| sighting.at < cutoff)
-            .map(|(key, _)| key.clone())
+            .filter(|(_, sighting)| sighting.at() < cutoff)
+            .map(|(key, _)| *key)
             .collect();
         let mut recovered = 0;
         for key in overdue {
             let Some(sighting) = self.pending.remove(&key) else {
                 continue;
             };
-            let flow = FlowKey::new(&*key.workload, key.address, key.port, key.protocol);
-            let mut sample = FlowSample::new(flow, sighting.at);
+            let workload = self.workload_names.name(key.workload);
+            let flow = FlowKey::new(workload, key.address, key.port, key.protocol);
+            let mut sample = FlowSample::new(flow, sighting.at());
             sample.dns_name = sighting.dns_name.map(String::from);
             sample.connections = 1;
             sample.verdict = sighting.verdict;
-            sample.connect_process = sighting.comm.map(|comm| Process::new(comm, None));
+            sample.connect_process = sighting.comm.get().map(|comm| Process::new(comm, None));
             samples.push(sample);
             recovered += 1;
         }
@@ -837,6 +904,47 @@ mod tests {
         let room = busy.capacity();
         shrink_when_sparse(&mut busy);
         assert_eq!(busy.capacity(), room);
+    }
+
+    #[test]
+    fn pending_sightings_stay_small() {
+        // 100,000 of them may wait for a flush: 8 MB, plus the table's spare room.
+        assert!(size_of::<(PendingKey, PendingSighting)>() <= 80);
+    }
+
+    #[test]
+    fn sighting_times_and_names_survive_their_compact_form() {
+        let at = SystemTime::UNIX_EPOCH + Duration::new(1_800_000_000, 123_456_789);
+        let sighting = PendingSighting {
+            at_ns: nanos_since_epoch(at),
+            verdict: SampleVerdict::Allowed,
+            dns_name: None,
+            comm: ShortName::new("curl"),
+        };
+        assert_eq!(sighting.at(), at);
+        assert_eq!(sighting.comm.get(), Some("curl"));
+        assert_eq!(ShortName::default().get(), None);
+        assert_eq!(
+            ShortName::new("0123456789abcdef").get(),
+            Some("0123456789abcdef")
+        );
+        // Past 16 bytes, cut where a character ends (the replacement character is 3 bytes).
+        let replaced = "abcdefghijklmn\u{fffd}";
+        assert_eq!(ShortName::new(replaced).get(), Some("abcdefghijklmn"));
+    }
+
+    #[test]
+    fn workload_numbers_name_their_workloads() {
+        let mut names = WorkloadNames::default();
+        let a = names.number("agent");
+        let b = names.number("runner");
+        assert_eq!(names.number("agent"), a);
+        assert_ne!(a, b);
+        assert_eq!((names.name(a), names.name(b)), ("agent", "runner"));
+        assert_eq!(names.existing("runner"), Some(b));
+        assert_eq!(names.existing("other"), None);
+        names.clear();
+        assert_eq!(names.existing("agent"), None);
     }
 
     #[test]
