@@ -44,6 +44,11 @@ pub const DNS_PORT: u16 = 53;
 const DNS_HEADER_LEN: usize = 12;
 const NAME_BUFFER: usize = 256;
 const MAX_LABELS: u32 = 128;
+/// Waiting answer bytes that wake the daemon: about a hundred answers. The daemon parses a
+/// batch in one go, on a CPU the workloads' lookups then wait for, so batches stay small: at
+/// 20,000 answers/s on two cores the lookups' p99 was 1.7-1.8 ms with 32 KiB and 2.7 ms with
+/// 128 KiB (an eighth of the ring, about 500 answers).
+const DNS_WAKE_AT: u32 = 32 * 1024;
 const TYPE_A: u16 = 1;
 const TYPE_AAAA: u16 = 28;
 
@@ -805,8 +810,7 @@ fn forward(
             DNS_ANSWER_HEADER_LEN + copy_len as usize,
         )
     };
-    let wakeup =
-        crate::verdict::ring_wakeup(&DNS_ANSWERS, egressd_common::event::DNS_RING_BUFFER_BYTES);
+    let wakeup = crate::verdict::ring_wakeup(&DNS_ANSWERS, DNS_WAKE_AT);
     if DNS_ANSWERS.output::<[u8]>(record, wakeup).is_ok() {
         count(COUNTER_DNS_ANSWERS);
     } else {

@@ -295,6 +295,9 @@ fn allow_rule_matches(workload: u32, flow: &Flow) -> Option<u32> {
     rules_match(value, flow).then_some(value.flags)
 }
 
+// Rule indexes are bounded for the verifier with a mask.
+const _: () = assert!(MAX_PORT_RULES.is_power_of_two());
+
 /// What [`rules_match`] looks for and what it found: the context bpf_loop hands to each step.
 #[repr(C)]
 struct RuleSearch {
@@ -422,14 +425,14 @@ pub fn report(decision: &Decision, flow: &Flow, task: &Task) {
     send_event(kind, decision, flow, task);
 }
 
-/// Submit flags that wake the reader only once an eighth of the ring is waiting: a wakeup per
+/// Submit flags that wake the reader only once `wake_at` bytes are waiting: a wakeup per
 /// record costs the daemon a context switch per event or DNS answer (and the sender the IPI),
 /// which at tens of thousands a second competes with the workloads for the CPUs. The daemon
 /// also reads on a short timer, so a lone record waits at most that long.
 #[inline(always)]
-pub fn ring_wakeup(ring: &aya_ebpf::maps::RingBuf, ring_bytes: u32) -> u64 {
+pub fn ring_wakeup(ring: &aya_ebpf::maps::RingBuf, wake_at: u32) -> u64 {
     use aya_ebpf::bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
-    if ring.query(u64::from(BPF_RB_AVAIL_DATA)) >= u64::from(ring_bytes / 8) {
+    if ring.query(u64::from(BPF_RB_AVAIL_DATA)) >= u64::from(wake_at) {
         u64::from(BPF_RB_FORCE_WAKEUP)
     } else {
         u64::from(BPF_RB_NO_WAKEUP)
@@ -464,6 +467,7 @@ pub fn send_event(kind: u32, decision: &Decision, flow: &Flow, task: &Task) {
         socket_type: flow.socket_type,
         reserved: 0,
     });
-    entry.submit(ring_wakeup(&EVENTS, RING_BUFFER_BYTES));
+    // An eighth of the ring: events are cheap to take in, in batches of a couple of thousand.
+    entry.submit(ring_wakeup(&EVENTS, RING_BUFFER_BYTES / 8));
     count(COUNTER_EVENTS);
 }
