@@ -854,6 +854,28 @@ impl Bench {
                             config,
                             after.cpu_percent_since(&before),
                         );
+                        // Answers the kernel could not hand over (its ring full): the daemon
+                        // never learns what they allowed.
+                        let status = daemon.status();
+                        let drops =
+                            status["datapath"]["dns_answer_drops"]
+                                .as_u64()
+                                .ok_or_else(|| {
+                                    anyhow::anyhow!("`status` names no dns_answer_drops: {status}")
+                                })?;
+                        let title = format!("DNS answers lost (ring buffer full) at {rate}/s");
+                        self.results.record(
+                            &Key {
+                                id: &id("dns_answer_drops"),
+                                title: &title,
+                                unit: "answers",
+                                entries: None,
+                                higher_is_better: false,
+                            },
+                            round,
+                            config,
+                            drops as f64,
+                        );
                     }
                     drop(daemon);
                     ensure_no_rules()?;
