@@ -1,11 +1,12 @@
 //! Loading the programs into the kernel and attaching them at the cgroup root.
 //!
-//! Loading is where start-up time goes: the verifier walks every path of each program inside
-//! the `BPF_PROG_LOAD` syscall of the thread that makes it (about 0.6 s of CPU for all of
-//! them; the long loops are bpf_loop walks for that reason, see the eBPF crate's `loops`). Privileged loads do not wait for each other in the kernel, so the programs are
-//! loaded on as many threads as there are cores, largest first, on a thread of their own that
-//! leaves the caller free to fill the maps meanwhile ([`Verification`]). Nothing is attached
-//! until every program is loaded ([`attach_all`]).
+//! The verifier walks every path of each program inside the `BPF_PROG_LOAD` syscall of the
+//! thread that makes it: about half a second of CPU for all of them on Linux 6.18 (the long
+//! loops are bpf_loop walks for that reason, see the eBPF crate's `loops`). Privileged loads do
+//! not wait for each other in the kernel, so the programs are loaded largest first on every
+//! core but one, on a thread of their own that leaves the caller free to fill the maps
+//! meanwhile ([`Verification`]). Nothing is attached until every program is loaded
+//! ([`attach_all`]).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
@@ -50,8 +51,8 @@ enum Job {
 
 /// Every program, by the verifier's work on it, largest first (instructions verified on Linux
 /// 6.18: egress 159k, connect4 121k, sendmsg4 and sendmsg6 77k each, connect6 65k, ingress
-/// 56k, dns_query 25k, sock_create 2k; about a microsecond each): each free thread takes the
-/// next, so the threads finish close together.
+/// 56k, dns_query 25k, sock_create 2k; the verifier spends about a microsecond on each): each
+/// free thread takes the next, so the threads finish close together.
 const JOBS: [Job; 8] = [
     Job::Egress,
     Job::One(SOCK_ADDR_PROGRAMS[0], AttachPoint::SockAddr),

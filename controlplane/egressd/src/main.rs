@@ -120,7 +120,7 @@ async fn run(args: Args, json: bool) -> anyhow::Result<()> {
             "--test-map-capacity: maps created smaller than usual (for tests)"
         );
     }
-    // The programs load (the verifier takes most of a second) while the engine fills the
+    // The programs load (about half a second of the verifier's CPU) while the engine fills the
     // maps; they are attached once both are done.
     let mut datapath =
         egressd_datapath::Datapath::begin_load(&cgroup_root, Some(&args.pin_dir), &capacities)
