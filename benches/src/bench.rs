@@ -842,18 +842,10 @@ impl Bench {
                     if let (Some(daemon), Some(before)) = (daemon.as_ref(), before) {
                         let after = procfs::sample(daemon.pid())?;
                         let title = format!("egressd CPU during DNS at {rate}/s");
-                        self.results.record(
-                            &Key {
-                                id: &id("dns_egressd_cpu"),
-                                title: &title,
-                                unit: "% of a CPU",
-                                entries: None,
-                                higher_is_better: false,
-                            },
-                            round,
-                            config,
-                            after.cpu_percent_since(&before),
-                        );
+                        let name = id("dns_egressd_cpu");
+                        let key = Key::new(&name, &title, "% of a CPU", None, false);
+                        self.results
+                            .record(&key, round, config, after.cpu_percent_since(&before));
                         // Answers the kernel could not hand over (its ring full): the daemon
                         // never learns what they allowed.
                         let status = daemon.status();
@@ -864,18 +856,9 @@ impl Bench {
                                     anyhow::anyhow!("`status` names no dns_answer_drops: {status}")
                                 })?;
                         let title = format!("DNS answers lost (ring buffer full) at {rate}/s");
-                        self.results.record(
-                            &Key {
-                                id: &id("dns_answer_drops"),
-                                title: &title,
-                                unit: "answers",
-                                entries: None,
-                                higher_is_better: false,
-                            },
-                            round,
-                            config,
-                            drops as f64,
-                        );
+                        let name = id("dns_answer_drops");
+                        let key = Key::new(&name, &title, "answers", None, false);
+                        self.results.record(&key, round, config, drops as f64);
                     }
                     drop(daemon);
                     ensure_no_rules()?;
