@@ -2,14 +2,15 @@
 # Installs what `cargo xtask dist` and tests/packaging.sh need, on top of
 # scripts/setup-toolchain.sh: cargo-deb and cargo-generate-rpm (the package
 # builders), Debian's rpm (to inspect and install the .rpm in a scratch root),
-# man-db (to render the man pages) and systemd (systemd-analyze verify).
+# man-db (to render the man pages), systemd (systemd-analyze verify) and python3-yaml
+# (to read the Kubernetes manifest).
 # Idempotent: every step checks first, so a second run takes a second.
 set -euo pipefail
 
 # Pinned: versions verified with this toolchain (newer releases may need a newer rustc).
 CARGO_DEB_VERSION="${EGRESSD_CARGO_DEB_VERSION:-3.8.0}"
 CARGO_GENERATE_RPM_VERSION="${EGRESSD_CARGO_GENERATE_RPM_VERSION:-0.21.1}"
-APT_PACKAGES=(rpm man-db systemd dpkg-dev)
+APT_PACKAGES=(rpm man-db systemd dpkg-dev python3-yaml)
 
 # shellcheck source=scripts/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
