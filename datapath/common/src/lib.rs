@@ -40,7 +40,12 @@ mod tests {
 
     #[test]
     fn v4_mapped_is_the_ipv4_mapped_ipv6_address() {
-        for octets in [[0, 0, 0, 0], [127, 0, 0, 1], [192, 0, 2, 255], [255, 255, 255, 255]] {
+        for octets in [
+            [0, 0, 0, 0],
+            [127, 0, 0, 1],
+            [192, 0, 2, 255],
+            [255, 255, 255, 255],
+        ] {
             let mut expected = [0u8; 16];
             expected[..12].copy_from_slice(&V4_MAPPED_PREFIX);
             expected[12..].copy_from_slice(&octets);
