@@ -116,7 +116,7 @@ fn check_sock_addr(ctx: &SockAddrContext, ipv6: bool, hook: u32) -> i32 {
     // SAFETY: the context pointer is valid for the program's run.
     let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
     // SAFETY: sock_addr programs may pass ctx->sk to bpf_sk_storage_get.
-    let mut state = unsafe { socket_state(sk.cast::<c_void>()) };
+    let mut state = unsafe { existing_socket_state(sk.cast::<c_void>()) };
     let cgroup_id = current_cgroup();
     let mut task = Task::current(cgroup_id);
     let workload = match state.as_mut() {
@@ -134,6 +134,13 @@ fn check_sock_addr(ctx: &SockAddrContext, ipv6: bool, hook: u32) -> i32 {
         }
         _ => {
             let workload = verdict::workload_of(current_ancestor, &settings);
+            if state.is_none() && workload_config(workload).is_some() {
+                // No storage: the socket was made outside every workload (sock_create keeps
+                // none for those) or before egressd started, and a workload's process uses
+                // it now. Its policy decides, cached in storage from here on.
+                // SAFETY: as above.
+                state = unsafe { socket_state(sk.cast::<c_void>()) };
+            }
             if let Some(state) = state.as_mut() {
                 state.cgroup_id = cgroup_id;
                 state.workload = workload;
@@ -192,6 +199,14 @@ pub fn sock_create(ctx: SockContext) -> i32 {
     let settings = settings();
     let cgroup_id = current_cgroup();
     let workload = verdict::workload_of(current_ancestor, &settings);
+    let Some(config) = workload_config(workload) else {
+        // A socket of no workload gets no storage: nothing is enforced or recorded for it,
+        // and its storage (allocated here, cloned into every connection a listener accepts,
+        // freed at close) was most of what egressd cost the processes it does not govern.
+        // The other hooks find no storage and look its cgroup up, as for sockets older than
+        // egressd.
+        return ALLOW;
+    };
     let task = Task::current(cgroup_id);
     // SAFETY: cgroup/sock programs pass their context (the new socket) to bpf_sk_storage_get.
     match unsafe { socket_state(ctx.sock.cast::<c_void>()) } {
@@ -209,12 +224,9 @@ pub fn sock_create(ctx: SockContext) -> i32 {
     // SAFETY: the context pointer is valid for the program's run.
     let (socket_type, protocol, family) =
         unsafe { ((*ctx.sock).type_, (*ctx.sock).protocol, (*ctx.sock).family) };
-    if socket_type != SOCK_RAW || workload == NO_WORKLOAD {
+    if socket_type != SOCK_RAW {
         return ALLOW;
     }
-    let Some(config) = workload_config(workload) else {
-        return ALLOW;
-    };
     if config.flags & WORKLOAD_FLAG_RAW_SOCKETS != 0
         || (config.mode != MODE_STRICT && config.mode != MODE_AUDIT)
     {
@@ -298,14 +310,17 @@ fn egress_packet<const WITH_TASK: bool>(ctx: &SkBuffContext) -> i32 {
     let tcp_fast_path = socket_type == SOCK_STREAM
         && protocol == u32::from(verdict::IPPROTO_TCP)
         && dst_port != dns::DNS_PORT;
+    // SAFETY: full is a full socket, which cgroup_skb may pass to bpf_sk_storage_get.
+    let existing = unsafe { existing_socket_state(full.cast::<c_void>()) };
+    if existing.is_none() && of_no_workload(ctx) {
+        return ALLOW;
+    }
     let parsed = if tcp_fast_path {
         // SAFETY: full is a valid full socket.
         unsafe { packet::from_tcp_socket(full) }
     } else {
         packet::parse(ctx)
     };
-    // SAFETY: full is a full socket, which cgroup_skb may pass to bpf_sk_storage_get.
-    let existing = unsafe { existing_socket_state(full.cast::<c_void>()) };
     let Some(state) = (match existing {
         Some(state) => Some(state),
         // SAFETY: full is a valid full socket from the context.
@@ -484,6 +499,22 @@ fn egress_without_state(ctx: &SkBuffContext, flow: &Flow) -> i32 {
     }
 }
 
+/// Whether the packet's socket, by its cgroup, belongs to no workload. Asked only for sockets
+/// without storage, which sock_create keeps from sockets of no workload: nothing is enforced
+/// or recorded for those, and no storage is made for them here either.
+#[inline(always)]
+fn of_no_workload(ctx: &SkBuffContext) -> bool {
+    let skb = ctx.skb.skb;
+    let workload = verdict::workload_of(
+        |level| {
+            // SAFETY: skb is the context.
+            unsafe { bpf_skb_ancestor_cgroup_id(skb, level) }
+        },
+        &settings(),
+    );
+    workload_config(workload).is_none()
+}
+
 // ---- dns_query: questions of `dns_queries = "allowlisted"` workloads (tail call from egress) ----
 
 /// Reached only by tail call from `egress`, for a packet to port 53 that the allowlist allows,
@@ -563,6 +594,10 @@ pub fn ingress(ctx: SkBuffContext) -> i32 {
     };
     // SAFETY: full is a full socket, which cgroup_skb may pass to bpf_sk_storage_get.
     let state = unsafe { existing_socket_state(full.cast::<c_void>()) };
+    if state.is_none() && of_no_workload(&ctx) {
+        // Listeners, connections and DNS answers of no workload: nothing to mark or learn.
+        return ALLOW;
+    }
     if socket_type == SOCK_STREAM
         && protocol == u32::from(verdict::IPPROTO_TCP)
         && dst_port != dns::DNS_PORT
@@ -712,7 +747,7 @@ fn dns_answer(
         unsafe { bpf_skb_ancestor_cgroup_id(skb, level) }
     };
     // SAFETY: full is a full socket, which cgroup_skb may pass to bpf_sk_storage_get.
-    let workload = match unsafe { socket_state(full.cast::<c_void>()) } {
+    let workload = match unsafe { existing_socket_state(full.cast::<c_void>()) } {
         Some(state) => socket_workload(state, &settings, ancestor),
         None => verdict::workload_of(ancestor, &settings),
     };
