@@ -1,4 +1,4 @@
-//! Receiving a socket passed with SCM_RIGHTS, and connecting a raw socket fd.
+//! Passing and receiving sockets with SCM_RIGHTS, and connecting a raw socket fd.
 
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
@@ -66,4 +66,32 @@ pub fn connect_fd(fd: &OwnedFd, ip: IpAddr, port: u16) -> Result<(), Errno> {
         fd.as_raw_fd(),
         &SockaddrStorage::from(SocketAddr::new(ip, port)),
     )
+}
+
+/// Accepts one connection on `listener` and passes `fd` over it with SCM_RIGHTS.
+/// Bounded; panics on timeout.
+pub fn send_fd(listener: &UnixListener, fd: &OwnedFd) {
+    listener
+        .set_nonblocking(true)
+        .expect("non-blocking listener");
+    let deadline = Instant::now() + RECEIVE_TIMEOUT;
+    let stream = loop {
+        match listener.accept() {
+            Ok((stream, _)) => break stream,
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                thread::sleep(Duration::from_millis(10));
+            }
+            Err(err) => panic!("no receiver connected within {RECEIVE_TIMEOUT:?}: {err}"),
+        }
+    };
+    stream.set_nonblocking(false).expect("blocking stream");
+    let fds = [fd.as_raw_fd()];
+    socket::sendmsg::<UnixAddr>(
+        stream.as_raw_fd(),
+        &[std::io::IoSlice::new(b"s")],
+        &[socket::ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )
+    .expect("sendmsg with SCM_RIGHTS");
 }

@@ -43,7 +43,7 @@ pub use dns::{
     AnswerRecord, DNS_PORT, DNSMASQ, Dnsmasq, DnsmasqBuilder, FakeResolver, ReceivedQuery,
     answer_addresses, answer_bytes, query_bytes, tcp_exchange, udp_exchange, wire,
 };
-pub use handoff::{connect_fd, receive_fd};
+pub use handoff::{connect_fd, receive_fd, send_fd};
 pub use net::{TcpServer, TcpSink, TcpTarget, UdpTarget, destination};
 pub use policy::{DnsSettings, WorkloadSpec, allow, allow_fqdn, line_of, policy_toml};
 pub use probe::{ProbeResult, RunningProbe, run_probe, run_probe_in, spawn_probe_in};

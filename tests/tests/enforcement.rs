@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use egressd_tests::{
     Daemon, EPERM, EVENT_TIMEOUT, TcpTarget, TestCgroup, UdpTarget, WorkloadSpec, allow,
     allow_ping_sockets, connect_fd, metrics::free_port, policy_toml, receive_fd, run_probe,
-    run_probe_in, spawn_probe_in,
+    run_probe_in, send_fd, spawn_probe_in,
 };
 use serde_json::Value;
 
@@ -344,6 +344,49 @@ fn privileged_socket_passed_with_scm_rights_stays_under_the_policy() {
     // Control: the test process's own socket is not governed.
     TcpStream::connect((refused.ip, refused.port))
         .expect("the test process's own socket to the refused destination");
+}
+
+#[test]
+fn privileged_socket_of_no_workload_passed_into_a_workload_takes_the_receivers_policy() {
+    let cgroup = TestCgroup::new();
+    let allowed = TcpTarget::bind("127.0.0.2");
+    let refused = TcpTarget::bind("127.0.0.4");
+    let _daemon = Daemon::start(&strict(&[WorkloadSpec::new(PROBE, &cgroup).allow(allow(
+        "127.0.0.2",
+        &[allowed.port],
+        "tcp",
+    ))]));
+    let dir = tempfile::tempdir().expect("tempdir");
+
+    for (target, expect_ok) in [(&refused, false), (&allowed, true)] {
+        let path = dir.path().join(format!("take-{}.sock", target.port));
+        let listener = UnixListener::bind(&path).expect("bind the unix socket");
+        // Made by the test process, in no workload, while egressd runs: no record of its
+        // creator is kept, so it cannot carry "no policy" into the workload.
+        let socket = nix::sys::socket::socket(
+            nix::sys::socket::AddressFamily::Inet,
+            nix::sys::socket::SockType::Stream,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .expect("a TCP socket");
+        let receiver = spawn_probe_in(
+            &cgroup,
+            &[
+                "receive-connect",
+                path.to_str().expect("utf-8"),
+                &target.ip.to_string(),
+                &target.port_str(),
+            ],
+        );
+        send_fd(&listener, &socket);
+        let result = receiver.wait(Duration::from_secs(20));
+        if expect_ok {
+            result.assert_ok("the workload connects a passed socket to its allowed destination");
+        } else {
+            result.assert_eperm("the workload connects a passed socket of no workload");
+        }
+    }
 }
 
 #[test]

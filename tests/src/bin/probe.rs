@@ -68,7 +68,8 @@ const ECHO_PAYLOAD: &[u8] = b"egressd-probe";
 
 const USAGE: &str = "usage: egressd-probe <tcp-connect ADDR PORT | udp-connect-send ADDR PORT | \
 udp-sendto ADDR PORT | icmp-raw ADDR | icmp-ping ADDR | raw-create | \
-fork-connect ADDR PORT CGROUP_PROCS_FILE | pass-socket UNIX_PATH | sleep SECS | \
+fork-connect ADDR PORT CGROUP_PROCS_FILE | pass-socket UNIX_PATH | \
+receive-connect UNIX_PATH ADDR PORT | sleep SECS | \
 resolve-connect RESOLVER NAME PORT [aaaa] [tcp-dns] | race RESOLVER COUNT PORT LIMIT_SECS | \
 connect-hold ADDR PORT GO_FILE | dns-query RESOLVER NAME WAIT_MS [aaaa] | \
 thread-write ADDR PORT BYTES GO_FILE | \
@@ -95,6 +96,8 @@ enum Action {
     RawCreate,
     ForkConnect(SocketAddr, PathBuf),
     PassSocket(PathBuf),
+    /// Receives a socket over UNIX_PATH (SCM_RIGHTS) and connects it.
+    ReceiveConnect(PathBuf, SocketAddr),
     Sleep(u64),
     /// Connects a UDP socket and sends once (must succeed), waits until GO_FILE exists, then
     /// sends again with plain send(): the result reported is the second send's.
@@ -215,6 +218,10 @@ fn parse(args: &[String]) -> Result<Action, String> {
             PathBuf::from(procs),
         )),
         ["pass-socket", path] => Ok(Action::PassSocket(PathBuf::from(path))),
+        ["receive-connect", path, addr, port] => Ok(Action::ReceiveConnect(
+            PathBuf::from(path),
+            socket_addr(addr, port)?,
+        )),
         ["udp-resend-after", addr, port, go_file] => Ok(Action::UdpResendAfter(
             socket_addr(addr, port)?,
             PathBuf::from(go_file),
@@ -454,6 +461,7 @@ fn run(action: Action) -> Outcome {
             Ok(())
         }
         Action::PassSocket(path) => pass_socket(&path),
+        Action::ReceiveConnect(path, addr) => receive_connect(&path, addr),
         Action::Sleep(secs) => {
             std::thread::sleep(Duration::from_secs(secs));
             Ok(())
@@ -683,6 +691,40 @@ fn pass_socket(path: &std::path::Path) -> Outcome {
             Err(err) => return Err(Failure::io("wait_close", &err)),
         }
     }
+}
+
+/// Receives one socket from the peer at `path` and connects it to `addr`.
+fn receive_connect(path: &std::path::Path, addr: SocketAddr) -> Outcome {
+    let stream = UnixStream::connect(path).map_err(|err| Failure::io("unix_connect", &err))?;
+    stream
+        .set_read_timeout(Some(PASS_TIMEOUT))
+        .map_err(|err| Failure::io("setsockopt", &err))?;
+    let mut byte = [0u8; 1];
+    let mut iov = [io::IoSliceMut::new(&mut byte)];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let message = socket::recvmsg::<UnixAddr>(
+        stream.as_fd().as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(|errno| Failure::errno("recvmsg", errno))?;
+    let mut received = None;
+    for cmsg in message
+        .cmsgs()
+        .map_err(|errno| Failure::errno("cmsgs", errno))?
+    {
+        if let socket::ControlMessageOwned::ScmRights(fds) = cmsg {
+            for fd in fds {
+                // SAFETY: the kernel just installed this descriptor for us; it is owned once.
+                let owned = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+                received.get_or_insert(owned);
+            }
+        }
+    }
+    let fd = received.ok_or_else(|| Failure::other("recvmsg", "no file descriptor received"))?;
+    socket::connect(fd.as_raw_fd(), &SockaddrStorage::from(addr))
+        .map_err(|errno| Failure::errno("connect", errno))
 }
 
 #[cfg(test)]
