@@ -3,7 +3,7 @@
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -16,20 +16,7 @@ const RECEIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Accepts one connection on `listener` and returns the first file descriptor
 /// passed over it with SCM_RIGHTS. Bounded; panics on timeout.
 pub fn receive_fd(listener: &UnixListener) -> OwnedFd {
-    listener
-        .set_nonblocking(true)
-        .expect("non-blocking listener");
-    let deadline = Instant::now() + RECEIVE_TIMEOUT;
-    let stream = loop {
-        match listener.accept() {
-            Ok((stream, _)) => break stream,
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
-                thread::sleep(Duration::from_millis(10));
-            }
-            Err(err) => panic!("no sender connected within {RECEIVE_TIMEOUT:?}: {err}"),
-        }
-    };
-    stream.set_nonblocking(false).expect("blocking stream");
+    let stream = accept_one(listener, "sender");
     stream
         .set_read_timeout(Some(RECEIVE_TIMEOUT))
         .expect("read timeout");
@@ -71,6 +58,21 @@ pub fn connect_fd(fd: &OwnedFd, ip: IpAddr, port: u16) -> Result<(), Errno> {
 /// Accepts one connection on `listener` and passes `fd` over it with SCM_RIGHTS.
 /// Bounded; panics on timeout.
 pub fn send_fd(listener: &UnixListener, fd: &OwnedFd) {
+    let stream = accept_one(listener, "receiver");
+    let fds = [fd.as_raw_fd()];
+    socket::sendmsg::<UnixAddr>(
+        stream.as_raw_fd(),
+        &[std::io::IoSlice::new(b"s")],
+        &[socket::ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )
+    .expect("sendmsg with SCM_RIGHTS");
+}
+
+/// The first connection to `listener` within [`RECEIVE_TIMEOUT`], as a blocking stream;
+/// panics naming the `peer` that never came.
+fn accept_one(listener: &UnixListener, peer: &str) -> UnixStream {
     listener
         .set_nonblocking(true)
         .expect("non-blocking listener");
@@ -81,17 +83,9 @@ pub fn send_fd(listener: &UnixListener, fd: &OwnedFd) {
             Err(err) if err.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
                 thread::sleep(Duration::from_millis(10));
             }
-            Err(err) => panic!("no receiver connected within {RECEIVE_TIMEOUT:?}: {err}"),
+            Err(err) => panic!("no {peer} connected within {RECEIVE_TIMEOUT:?}: {err}"),
         }
     };
     stream.set_nonblocking(false).expect("blocking stream");
-    let fds = [fd.as_raw_fd()];
-    socket::sendmsg::<UnixAddr>(
-        stream.as_raw_fd(),
-        &[std::io::IoSlice::new(b"s")],
-        &[socket::ControlMessage::ScmRights(&fds)],
-        MsgFlags::empty(),
-        None,
-    )
-    .expect("sendmsg with SCM_RIGHTS");
+    stream
 }
