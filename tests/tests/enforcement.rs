@@ -24,6 +24,19 @@ fn strict(workloads: &[WorkloadSpec]) -> String {
     policy_toml("strict", &[], workloads)
 }
 
+/// A strict workload in `cgroup` whose one rule allows TCP to a listener on 127.0.0.2, and a
+/// listener on 127.0.0.4 that no rule allows; the daemon runs until it is dropped.
+fn one_allowed_port(cgroup: &TestCgroup) -> (TcpTarget, TcpTarget, Daemon) {
+    let allowed = TcpTarget::bind("127.0.0.2");
+    let refused = TcpTarget::bind("127.0.0.4");
+    let daemon = Daemon::start(&strict(&[WorkloadSpec::new(PROBE, cgroup).allow(allow(
+        "127.0.0.2",
+        &[allowed.port],
+        "tcp",
+    ))]));
+    (allowed, refused, daemon)
+}
+
 fn is_event(event: &Value, kind: &str, destination: &str) -> bool {
     event["kind"] == kind && event["workload"] == PROBE && event["destination"] == destination
 }
@@ -280,13 +293,7 @@ fn privileged_raw_socket_creation_follows_raw_sockets() {
 fn privileged_socket_inherited_by_fork_stays_under_the_policy() {
     let cgroup = TestCgroup::new();
     let outside = TestCgroup::new();
-    let allowed = TcpTarget::bind("127.0.0.2");
-    let refused = TcpTarget::bind("127.0.0.4");
-    let _daemon = Daemon::start(&strict(&[WorkloadSpec::new(PROBE, &cgroup).allow(allow(
-        "127.0.0.2",
-        &[allowed.port],
-        "tcp",
-    ))]));
+    let (allowed, refused, _daemon) = one_allowed_port(&cgroup);
     let procs = outside.procs_file();
     let procs = procs.to_str().expect("utf-8 cgroup path");
 
@@ -313,13 +320,7 @@ fn privileged_socket_inherited_by_fork_stays_under_the_policy() {
 #[test]
 fn privileged_socket_passed_with_scm_rights_stays_under_the_policy() {
     let cgroup = TestCgroup::new();
-    let allowed = TcpTarget::bind("127.0.0.2");
-    let refused = TcpTarget::bind("127.0.0.4");
-    let _daemon = Daemon::start(&strict(&[WorkloadSpec::new(PROBE, &cgroup).allow(allow(
-        "127.0.0.2",
-        &[allowed.port],
-        "tcp",
-    ))]));
+    let (allowed, refused, _daemon) = one_allowed_port(&cgroup);
     let dir = tempfile::tempdir().expect("tempdir");
 
     for (target, expect_ok) in [(&refused, false), (&allowed, true)] {
@@ -349,13 +350,7 @@ fn privileged_socket_passed_with_scm_rights_stays_under_the_policy() {
 #[test]
 fn privileged_socket_of_no_workload_passed_into_a_workload_takes_the_receivers_policy() {
     let cgroup = TestCgroup::new();
-    let allowed = TcpTarget::bind("127.0.0.2");
-    let refused = TcpTarget::bind("127.0.0.4");
-    let _daemon = Daemon::start(&strict(&[WorkloadSpec::new(PROBE, &cgroup).allow(allow(
-        "127.0.0.2",
-        &[allowed.port],
-        "tcp",
-    ))]));
+    let (allowed, refused, _daemon) = one_allowed_port(&cgroup);
     let dir = tempfile::tempdir().expect("tempdir");
 
     for (target, expect_ok) in [(&refused, false), (&allowed, true)] {
@@ -392,13 +387,7 @@ fn privileged_socket_of_no_workload_passed_into_a_workload_takes_the_receivers_p
 #[test]
 fn privileged_child_cgroup_created_after_start_is_governed() {
     let cgroup = TestCgroup::new();
-    let allowed = TcpTarget::bind("127.0.0.2");
-    let refused = TcpTarget::bind("127.0.0.4");
-    let _daemon = Daemon::start(&strict(&[WorkloadSpec::new(PROBE, &cgroup).allow(allow(
-        "127.0.0.2",
-        &[allowed.port],
-        "tcp",
-    ))]));
+    let (allowed, refused, _daemon) = one_allowed_port(&cgroup);
 
     let late = cgroup.child("late");
     let deeper = late.child("deeper");
