@@ -133,7 +133,18 @@ fn check_sock_addr(ctx: &SockAddrContext, ipv6: bool, hook: u32) -> i32 {
             state.workload
         }
         _ => {
-            let workload = verdict::workload_of(current_ancestor, &settings);
+            // Not created under egressd: whoever uses the socket decides, so its workload is
+            // the caller's, walked again only when the caller's cgroup changes.
+            let workload = match state.as_ref() {
+                Some(state)
+                    if state.flags & egressd_common::socket::SOCKET_FLAG_RESOLVED != 0
+                        && state.cgroup_id == cgroup_id
+                        && state.workload_generation == settings.generation =>
+                {
+                    state.workload
+                }
+                _ => verdict::workload_of(current_ancestor, &settings),
+            };
             if state.is_none() && workload_config(workload).is_some() {
                 // No storage: the socket was made outside every workload (sock_create keeps
                 // none for those) or before egressd started, and a workload's process uses
@@ -142,6 +153,11 @@ fn check_sock_addr(ctx: &SockAddrContext, ipv6: bool, hook: u32) -> i32 {
                 state = unsafe { socket_state(sk.cast::<c_void>()) };
             }
             if let Some(state) = state.as_mut() {
+                if state.workload != workload {
+                    // Handed on to another workload: the verdict cached for the previous
+                    // one is not this one's.
+                    state.flags &= !SOCKET_FLAG_CACHED;
+                }
                 state.cgroup_id = cgroup_id;
                 state.workload = workload;
                 state.flags |= egressd_common::socket::SOCKET_FLAG_RESOLVED;

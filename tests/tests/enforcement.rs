@@ -385,6 +385,50 @@ fn privileged_socket_of_no_workload_passed_into_a_workload_takes_the_receivers_p
 }
 
 #[test]
+fn privileged_socket_of_no_workload_handed_on_takes_each_receivers_policy() {
+    let sender = TestCgroup::new();
+    let other = TestCgroup::new();
+    let target = UdpTarget::bind("127.0.0.2");
+    let _daemon = Daemon::start(&strict(&[
+        WorkloadSpec::new("sender", &sender).allow(allow("127.0.0.2", &[target.port], "udp")),
+        // Allowed somewhere else only: the target is not this workload's.
+        WorkloadSpec::new("other", &other).allow(allow("127.0.0.9", &[target.port], "udp")),
+    ]));
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Made by the test process, in no workload: each process it is handed to decides.
+    let socket = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("a UDP socket");
+
+    for (turn, (cgroup, expect_ok)) in [(&sender, true), (&other, false)].into_iter().enumerate() {
+        let path = dir.path().join(format!("handed-{turn}.sock"));
+        let listener = UnixListener::bind(&path).expect("bind the unix socket");
+        let receiver = spawn_probe_in(
+            cgroup,
+            &[
+                "receive-sendto",
+                path.to_str().expect("utf-8"),
+                "127.0.0.2",
+                &target.port_str(),
+            ],
+        );
+        send_fd(&listener, &socket);
+        let result = receiver.wait(Duration::from_secs(20));
+        if expect_ok {
+            result.assert_ok("the workload whose rule allows the target sends on the socket");
+        } else {
+            // The verdict the first workload's datagram left with the socket is not this
+            // workload's.
+            result.assert_eperm("another workload sends on the socket it was handed next");
+        }
+    }
+}
+
+#[test]
 fn privileged_child_cgroup_created_after_start_is_governed() {
     let cgroup = TestCgroup::new();
     let (allowed, refused, _daemon) = one_allowed_port(&cgroup);

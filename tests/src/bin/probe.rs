@@ -15,6 +15,9 @@
 //! egressd-probe raw-create                     # socket(AF_INET, SOCK_RAW, IPPROTO_ICMP)
 //! egressd-probe fork-connect ADDR PORT PROCS   # socket, fork, child moves to PROCS, connects
 //! egressd-probe pass-socket UNIX_PATH          # TCP socket sent with SCM_RIGHTS to UNIX_PATH
+//! egressd-probe receive-connect UNIX_PATH ADDR PORT   # a socket received over UNIX_PATH
+//!                                              # (SCM_RIGHTS) connects to ADDR PORT
+//! egressd-probe receive-sendto UNIX_PATH ADDR PORT    # ... sends a datagram to ADDR PORT
 //! egressd-probe sleep SECS
 //! egressd-probe connect-pair ALLOWED_ADDR PORT REFUSED_ADDR PORT STOP_FILE
 //!                                              # alternates connects to both until STOP_FILE
@@ -69,7 +72,7 @@ const ECHO_PAYLOAD: &[u8] = b"egressd-probe";
 const USAGE: &str = "usage: egressd-probe <tcp-connect ADDR PORT | udp-connect-send ADDR PORT | \
 udp-sendto ADDR PORT | icmp-raw ADDR | icmp-ping ADDR | raw-create | \
 fork-connect ADDR PORT CGROUP_PROCS_FILE | pass-socket UNIX_PATH | \
-receive-connect UNIX_PATH ADDR PORT | sleep SECS | \
+receive-connect UNIX_PATH ADDR PORT | receive-sendto UNIX_PATH ADDR PORT | sleep SECS | \
 resolve-connect RESOLVER NAME PORT [aaaa] [tcp-dns] | race RESOLVER COUNT PORT LIMIT_SECS | \
 connect-hold ADDR PORT GO_FILE | dns-query RESOLVER NAME WAIT_MS [aaaa] | \
 thread-write ADDR PORT BYTES GO_FILE | \
@@ -98,6 +101,8 @@ enum Action {
     PassSocket(PathBuf),
     /// Receives a socket over UNIX_PATH (SCM_RIGHTS) and connects it.
     ReceiveConnect(PathBuf, SocketAddr),
+    /// Receives a (UDP) socket over UNIX_PATH and sends one datagram with it to ADDR PORT.
+    ReceiveSendto(PathBuf, SocketAddr),
     Sleep(u64),
     /// Connects a UDP socket and sends once (must succeed), waits until GO_FILE exists, then
     /// sends again with plain send(): the result reported is the second send's.
@@ -219,6 +224,10 @@ fn parse(args: &[String]) -> Result<Action, String> {
         )),
         ["pass-socket", path] => Ok(Action::PassSocket(PathBuf::from(path))),
         ["receive-connect", path, addr, port] => Ok(Action::ReceiveConnect(
+            PathBuf::from(path),
+            socket_addr(addr, port)?,
+        )),
+        ["receive-sendto", path, addr, port] => Ok(Action::ReceiveSendto(
             PathBuf::from(path),
             socket_addr(addr, port)?,
         )),
@@ -461,7 +470,22 @@ fn run(action: Action) -> Outcome {
             Ok(())
         }
         Action::PassSocket(path) => pass_socket(&path),
-        Action::ReceiveConnect(path, addr) => receive_connect(&path, addr),
+        Action::ReceiveConnect(path, addr) => {
+            let fd = receive_socket(&path)?;
+            socket::connect(fd.as_raw_fd(), &SockaddrStorage::from(addr))
+                .map_err(|errno| Failure::errno("connect", errno))
+        }
+        Action::ReceiveSendto(path, addr) => {
+            let fd = receive_socket(&path)?;
+            socket::sendto(
+                fd.as_raw_fd(),
+                ECHO_PAYLOAD,
+                &SockaddrStorage::from(addr),
+                MsgFlags::empty(),
+            )
+            .map(|_| ())
+            .map_err(|errno| Failure::errno("sendto", errno))
+        }
         Action::Sleep(secs) => {
             std::thread::sleep(Duration::from_secs(secs));
             Ok(())
@@ -694,7 +718,8 @@ fn pass_socket(path: &std::path::Path) -> Outcome {
 }
 
 /// Receives one socket from the peer at `path` and connects it to `addr`.
-fn receive_connect(path: &std::path::Path, addr: SocketAddr) -> Outcome {
+/// The first socket that arrives over the UNIX socket at `path` (SCM_RIGHTS).
+fn receive_socket(path: &std::path::Path) -> Result<OwnedFd, Failure> {
     let stream = UnixStream::connect(path).map_err(|err| Failure::io("unix_connect", &err))?;
     stream
         .set_read_timeout(Some(PASS_TIMEOUT))
@@ -722,9 +747,7 @@ fn receive_connect(path: &std::path::Path, addr: SocketAddr) -> Outcome {
             }
         }
     }
-    let fd = received.ok_or_else(|| Failure::other("recvmsg", "no file descriptor received"))?;
-    socket::connect(fd.as_raw_fd(), &SockaddrStorage::from(addr))
-        .map_err(|errno| Failure::errno("connect", errno))
+    received.ok_or_else(|| Failure::other("recvmsg", "no file descriptor received"))
 }
 
 #[cfg(test)]
