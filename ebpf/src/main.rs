@@ -117,14 +117,15 @@ fn check_sock_addr(ctx: &SockAddrContext, ipv6: bool, hook: u32) -> i32 {
     let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
     // SAFETY: sock_addr programs may pass ctx->sk to bpf_sk_storage_get.
     let mut state = unsafe { existing_socket_state(sk.cast::<c_void>()) };
-    let cgroup_id = current_cgroup();
-    let mut task = Task::current(cgroup_id);
+    let mut task = Task::current(0);
     let workload = match state.as_mut() {
         Some(state) if state.flags & SOCKET_FLAG_CREATED != 0 => {
             // Created under egressd: the creator's cgroup, not the caller's, decides (a socket
             // handed to another process keeps its creator's policy).
             task.cgroup_id = state.cgroup_id;
-            if state.workload_generation != settings.generation && state.cgroup_id == cgroup_id {
+            if state.workload_generation != settings.generation
+                && state.cgroup_id == current_cgroup()
+            {
                 // The workload table changed since creation and the caller shares the
                 // creator's cgroup, so the caller's ancestors are the socket's.
                 state.workload = verdict::workload_of(current_ancestor, &settings);
@@ -135,6 +136,8 @@ fn check_sock_addr(ctx: &SockAddrContext, ipv6: bool, hook: u32) -> i32 {
         _ => {
             // Not created under egressd: whoever uses the socket decides, so its workload is
             // the caller's, walked again only when the caller's cgroup changes.
+            let cgroup_id = current_cgroup();
+            task.cgroup_id = cgroup_id;
             let workload = match state.as_ref() {
                 Some(state)
                     if state.flags & egressd_common::socket::SOCKET_FLAG_RESOLVED != 0
@@ -170,22 +173,24 @@ fn check_sock_addr(ctx: &SockAddrContext, ipv6: bool, hook: u32) -> i32 {
         // An accepted socket that connects anew (after AF_UNSPEC) no longer carries replies.
         state.flags &= !SOCKET_FLAG_INBOUND;
     }
-    let Some(config) = workload_config(workload) else {
-        return ALLOW;
-    };
-    let key = flows::destination_key(workload, &flow);
     if is_sendmsg
         && let Some(state) = state.as_mut()
         && let Some(verdict) = cached_verdict(state, &flow, settings.generation)
     {
         // More datagrams of a socket to the destination it last sent to: one attempt was
-        // counted already; only the writer may be new.
+        // counted already; only the writer may be new. A verdict cached in this generation
+        // was made with this workload's configuration, so that is not looked up again.
         if verdict == VERDICT_DENY {
             return REFUSE;
         }
+        let key = flows::destination_key(workload, &flow);
         flows::note_sender(state, &key, task.tgid, task.tid, || task.comm());
         return ALLOW;
     }
+    let Some(config) = workload_config(workload) else {
+        return ALLOW;
+    };
+    let key = flows::destination_key(workload, &flow);
     let (verdict, reason) = evaluate(workload, &config, &flow);
     let decision = Decision {
         workload,
@@ -328,9 +333,14 @@ fn egress_packet<const WITH_TASK: bool>(ctx: &SkBuffContext) -> i32 {
         && dst_port != dns::DNS_PORT;
     // SAFETY: full is a full socket, which cgroup_skb may pass to bpf_sk_storage_get.
     let existing = unsafe { existing_socket_state(full.cast::<c_void>()) };
-    if existing.is_none() && of_no_workload(ctx) {
-        return ALLOW;
-    }
+    // A socket without storage: its cgroup says whether it is governed at all.
+    let walked = match existing {
+        Some(_) => None,
+        None => match governing_workload(ctx) {
+            Some(workload) => Some(workload),
+            None => return ALLOW,
+        },
+    };
     let parsed = if tcp_fast_path {
         // SAFETY: full is a valid full socket.
         unsafe { packet::from_tcp_socket(full) }
@@ -347,8 +357,16 @@ fn egress_packet<const WITH_TASK: bool>(ctx: &SkBuffContext) -> i32 {
             }
             return ALLOW;
         }
-        // SAFETY: as above.
-        None => unsafe { socket_state(full.cast::<c_void>()) },
+        None => {
+            // SAFETY: as above.
+            let mut fresh = unsafe { socket_state(full.cast::<c_void>()) };
+            if let Some(state) = fresh.as_deref_mut()
+                && let Some(workload) = walked
+            {
+                seed_workload(state, workload);
+            }
+            fresh
+        }
     }) else {
         count(COUNTER_STORAGE_FAILURES);
         return egress_without_state(ctx, &parsed.flow);
@@ -515,11 +533,11 @@ fn egress_without_state(ctx: &SkBuffContext, flow: &Flow) -> i32 {
     }
 }
 
-/// Whether the packet's socket, by its cgroup, belongs to no workload. Asked only for sockets
-/// without storage, which sock_create keeps from sockets of no workload: nothing is enforced
-/// or recorded for those, and no storage is made for them here either.
+/// The workload governing the packet's socket by its cgroup, None when none does. Asked only
+/// for sockets without storage, which sock_create keeps from sockets of no workload: nothing
+/// is enforced or recorded for those, and no storage is made for them here either.
 #[inline(always)]
-fn of_no_workload(ctx: &SkBuffContext) -> bool {
+fn governing_workload(ctx: &SkBuffContext) -> Option<u32> {
     let skb = ctx.skb.skb;
     let workload = verdict::workload_of(
         |level| {
@@ -528,7 +546,16 @@ fn of_no_workload(ctx: &SkBuffContext) -> bool {
         },
         &settings(),
     );
-    workload_config(workload).is_none()
+    workload_config(workload).map(|_| workload)
+}
+
+/// Fresh storage of a socket whose workload was just looked up by its cgroup: resolved, so
+/// the same packet does not walk the cgroup's ancestors again.
+#[inline(always)]
+fn seed_workload(state: &mut SocketState, workload: u32) {
+    state.workload = workload;
+    state.workload_generation = settings().generation;
+    state.flags |= egressd_common::socket::SOCKET_FLAG_RESOLVED;
 }
 
 // ---- dns_query: questions of `dns_queries = "allowlisted"` workloads (tail call from egress) ----
@@ -609,21 +636,15 @@ pub fn ingress(ctx: SkBuffContext) -> i32 {
         )
     };
     // SAFETY: full is a full socket, which cgroup_skb may pass to bpf_sk_storage_get.
-    let state = unsafe { existing_socket_state(full.cast::<c_void>()) };
-    if state.is_none() && of_no_workload(&ctx) {
-        // Listeners, connections and DNS answers of no workload: nothing to mark or learn.
-        return ALLOW;
-    }
-    if socket_type == SOCK_STREAM
+    let mut state = unsafe { existing_socket_state(full.cast::<c_void>()) };
+    let tcp_not_dns = socket_type == SOCK_STREAM
         && protocol == u32::from(verdict::IPPROTO_TCP)
-        && dst_port != dns::DNS_PORT
-    {
-        // SAFETY: full is a valid full socket.
-        if unsafe { (*full).state } == TCP_LISTEN {
-            mark_listener(state, full);
-            return ALLOW;
-        }
+        && dst_port != dns::DNS_PORT;
+    // SAFETY: full is a valid full socket.
+    let listening = tcp_not_dns && unsafe { (*full).state } == TCP_LISTEN;
+    if tcp_not_dns && !listening {
         // Connected TCP: everything arriving is from the peer the verdict was cached for.
+        // Without storage there is nothing to account it to, whatever the workload.
         if let Some(state) = state
             && receiving_flow(state)
         {
@@ -631,11 +652,23 @@ pub fn ingress(ctx: SkBuffContext) -> i32 {
         }
         return ALLOW;
     }
+    // Listeners and DNS answers of a socket without storage matter only in a workload.
+    let walked = match state {
+        Some(_) => None,
+        None => match governing_workload(&ctx) {
+            Some(workload) => Some(workload),
+            None => return ALLOW,
+        },
+    };
+    if listening {
+        mark_listener(state, full);
+        return ALLOW;
+    }
     let parsed = packet::parse(&ctx);
     if !parsed.valid {
         return ALLOW;
     }
-    if let Some(state) = state
+    if let Some(state) = state.as_mut()
         && receiving_flow(state)
         && parsed.flow.src == state.cached_addr
         && (!parsed.flow.has_port || parsed.flow.src_port == state.cached_port)
@@ -643,7 +676,17 @@ pub fn ingress(ctx: SkBuffContext) -> i32 {
         flows::account_received(&flows::cached_key(state), ctx.len());
     }
     if parsed.flow.has_port && parsed.flow.src_port == dns::DNS_PORT {
-        dns_answer(&ctx, &parsed, full);
+        let workload = match (state, walked) {
+            (Some(state), _) => socket_workload(state, &settings(), |level| {
+                // SAFETY: skb is the context.
+                unsafe { bpf_skb_ancestor_cgroup_id(skb, level) }
+            }),
+            (None, Some(workload)) => workload,
+            (None, None) => return ALLOW,
+        };
+        if workload_config(workload).is_some() {
+            dns::handle_answer(&ctx, &parsed, full.cast::<c_void>(), workload);
+        }
     }
     ALLOW
 }
@@ -748,29 +791,6 @@ fn receiving_flow(state: &SocketState) -> bool {
         && state.flags & SOCKET_FLAG_INBOUND == 0
         && state.workload != NO_WORKLOAD
         && state.cached_verdict != VERDICT_DENY
-}
-
-#[inline(always)]
-fn dns_answer(
-    ctx: &SkBuffContext,
-    parsed: &packet::Parsed,
-    full: *mut aya_ebpf::bindings::bpf_sock,
-) {
-    let skb = ctx.skb.skb;
-    let settings = settings();
-    let ancestor = |level| {
-        // SAFETY: skb is the context.
-        unsafe { bpf_skb_ancestor_cgroup_id(skb, level) }
-    };
-    // SAFETY: full is a full socket, which cgroup_skb may pass to bpf_sk_storage_get.
-    let workload = match unsafe { existing_socket_state(full.cast::<c_void>()) } {
-        Some(state) => socket_workload(state, &settings, ancestor),
-        None => verdict::workload_of(ancestor, &settings),
-    };
-    if workload_config(workload).is_none() {
-        return;
-    }
-    dns::handle_answer(ctx, parsed, full.cast::<c_void>(), workload);
 }
 
 #[cfg(not(target_arch = "bpf"))]
