@@ -365,9 +365,7 @@ async fn kernel_records(
             })
             .collect();
         drop(engine);
-        for question in questions {
-            shared.recorder.question(question);
-        }
+        shared.recorder.questions(questions);
         // Refused DNS questions go through the same rate limit (each name its own
         // destination there); they have no sighting.
         for record in refusals {

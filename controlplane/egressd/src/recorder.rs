@@ -17,7 +17,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use egressd_datapath::{FlowSummary, TaskRef};
-use egressd_observe::{FlowKey, FlowSample, Process, QuerySample, Retention, SampleVerdict, Store};
+use egressd_observe::{
+    FlowKey, FlowSample, Process, QuerySample, QueryTallies, Retention, SampleVerdict, Store,
+};
 use egressd_policy::ObserveSettings;
 use egressd_proto::{FlushReport, ObserveStatus};
 
@@ -30,7 +32,8 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// Executable paths are cached per process for this long (pids are reused).
 const PROCESS_CACHE_TTL: Duration = Duration::from_secs(30);
 const PROCESS_CACHE_ENTRIES: usize = 4096;
-/// DNS questions kept between two flushes (bounded memory under an answer flood).
+/// Distinct DNS questions (workload, name, type) counted between two flushes: bounded memory
+/// under a flood of answers for ever new names.
 const MAX_PENDING_QUESTIONS: usize = 200_000;
 /// Messages taken from the queue before one flush.
 const MAX_DRAINED: usize = 100_000;
@@ -54,7 +57,9 @@ pub struct Sighting {
 
 pub enum Message {
     Sighting(Box<Sighting>),
-    Question(Box<QuerySample>),
+    /// The questions answered in one batch the daemon read from the kernel: one message
+    /// (and at most one wake-up of the recorder thread) per batch, not per answer.
+    Questions(Vec<QuerySample>),
     Flush(tokio::sync::oneshot::Sender<Result<FlushReport, String>>),
     Stop,
 }
@@ -91,8 +96,10 @@ impl Handle {
         }
     }
 
-    pub fn question(&self, question: QuerySample) {
-        let _ = self.sender.send(Message::Question(Box::new(question)));
+    pub fn questions(&self, questions: Vec<QuerySample>) {
+        if !questions.is_empty() {
+            let _ = self.sender.send(Message::Questions(questions));
+        }
     }
 
     /// Asks for a flush and waits for its outcome.
@@ -149,7 +156,7 @@ pub fn create(state_dir: &Path, settings: ObserveSettings) -> (Handle, Unstarted
         processes: ProcessCache::new(),
         status: status.clone(),
         last_prune: None,
-        questions: Vec::new(),
+        questions: QueryTallies::new(),
         questions_dropped: 0,
         flow_table_full: false,
     };
@@ -404,8 +411,8 @@ struct Recorder {
     processes: ProcessCache,
     status: Arc<Mutex<ObserveStatus>>,
     last_prune: Option<Instant>,
-    /// DNS questions answered since the last flush.
-    questions: Vec<QuerySample>,
+    /// DNS questions answered since the last flush, counted per question.
+    questions: QueryTallies,
     questions_dropped: u64,
     queue: Arc<SightingQueue>,
     /// Whether the kernel's flow table was full at the last flush: logged when it fills
@@ -428,8 +435,8 @@ impl Recorder {
                     self.take(*sighting);
                     continue;
                 }
-                Some(Message::Question(question)) => {
-                    self.question(*question);
+                Some(Message::Questions(questions)) => {
+                    self.questions(&questions);
                     continue;
                 }
                 _ => {}
@@ -443,7 +450,7 @@ impl Recorder {
             for message in first.into_iter().chain(queued) {
                 match message {
                     Message::Sighting(sighting) => self.take(*sighting),
-                    Message::Question(question) => self.question(*question),
+                    Message::Questions(questions) => self.questions(&questions),
                     Message::Flush(reply) => requests.push(reply),
                     Message::Stop => stop = true,
                 }
@@ -462,11 +469,11 @@ impl Recorder {
         }
     }
 
-    fn question(&mut self, question: QuerySample) {
-        if self.questions.len() < MAX_PENDING_QUESTIONS {
-            self.questions.push(question);
-        } else {
-            self.questions_dropped += 1;
+    fn questions(&mut self, questions: &[QuerySample]) {
+        for question in questions {
+            if !self.questions.add(question, MAX_PENDING_QUESTIONS) {
+                self.questions_dropped += 1;
+            }
         }
     }
 
@@ -636,7 +643,7 @@ impl Recorder {
             .map_err(|e| e.to_string())?;
         written += recovered_samples.len();
         store
-            .record_queries(&self.questions)
+            .record_query_tallies(&self.questions)
             .map_err(|e| e.to_string())?;
         self.questions.clear();
         if self.questions_dropped > 0 {

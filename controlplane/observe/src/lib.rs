@@ -29,7 +29,10 @@ pub use model::{
     FlowKey, FlowSample, MAX_NAMES, MAX_PROCESSES, Observation, PLAINTEXT_PORTS, Process,
     SampleVerdict, is_plaintext, protocol_name,
 };
-pub use names::{NameObservation, QueryOutcome, QuerySample, flag_tunnelling, label_entropy};
+pub use names::{
+    NameObservation, QueryOutcome, QuerySample, QueryTallies, QueryTally, flag_tunnelling,
+    label_entropy,
+};
 pub use store::{Filter, PruneStats, Retention, SCHEMA_VERSION, Store, sort_most_important_first};
 pub use suggest::{SuggestOptions, merge_exports, suggest};
 pub use time::{format_rfc3339, parse_since};

@@ -1,7 +1,8 @@
 //! DNS questions as destinations: every name a workload asked for, whether or not a
 //! connection followed, and the shapes that suggest data leaving through DNS (tunnelling).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
@@ -38,6 +39,79 @@ pub struct QuerySample {
     pub qtype: String,
     pub at: SystemTime,
     pub outcome: QueryOutcome,
+}
+
+/// The answers to one (workload, name, type) since the last write, counted together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueryTally {
+    pub count: u64,
+    pub nxdomain: u64,
+    pub answered: u64,
+    pub first_seen: SystemTime,
+    pub last_seen: SystemTime,
+}
+
+/// Answered questions counted per (workload, normalized name, type) between two writes: an
+/// application asks for the same few names again and again, so the store writes one row per
+/// name instead of one per answer, and the memory held does not grow with the answer rate.
+#[derive(Debug, Default)]
+pub struct QueryTallies {
+    by_question: HashMap<(String, String, String), QueryTally>,
+}
+
+impl QueryTallies {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Counts `sample`. False, and nothing counted, when it is a question not counted yet
+    /// and `max_questions` distinct ones are held already. Empty names are skipped.
+    pub fn add(&mut self, sample: &QuerySample, max_questions: usize) -> bool {
+        let name = crate::model::normalize_name(&sample.name);
+        if name.is_empty() {
+            return true;
+        }
+        let key = (sample.workload.clone(), name, sample.qtype.clone());
+        let full = self.by_question.len() >= max_questions;
+        let tally = match self.by_question.entry(key) {
+            Entry::Occupied(entry) => entry.into_mut(),
+            Entry::Vacant(_) if full => return false,
+            Entry::Vacant(entry) => entry.insert(QueryTally {
+                count: 0,
+                nxdomain: 0,
+                answered: 0,
+                first_seen: sample.at,
+                last_seen: sample.at,
+            }),
+        };
+        tally.count = tally.count.saturating_add(1);
+        match sample.outcome {
+            QueryOutcome::NxDomain => tally.nxdomain = tally.nxdomain.saturating_add(1),
+            QueryOutcome::Answered => tally.answered = tally.answered.saturating_add(1),
+            QueryOutcome::Other => {}
+        }
+        tally.first_seen = tally.first_seen.min(sample.at);
+        tally.last_seen = tally.last_seen.max(sample.at);
+        true
+    }
+
+    /// Distinct questions held.
+    pub fn len(&self) -> usize {
+        self.by_question.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_question.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.by_question.clear();
+    }
+
+    /// `((workload, name, type), tally)` of every question held.
+    pub fn iter(&self) -> impl Iterator<Item = (&(String, String, String), &QueryTally)> {
+        self.by_question.iter()
+    }
 }
 
 /// Everything known about one (workload, name, type) over the store's retention.
@@ -135,6 +209,72 @@ pub fn flag_tunnelling(names: &mut [NameObservation]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tallies_count_each_question_once_per_name_and_respect_their_bound() {
+        let at = |secs| SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+        let sample = |workload: &str, name: &str, secs, outcome| QuerySample {
+            workload: workload.into(),
+            name: name.into(),
+            qtype: "A".into(),
+            at: at(secs),
+            outcome,
+        };
+        let mut tallies = QueryTallies::new();
+        assert!(tallies.add(
+            &sample("agent", "API.vendor.example.", 20, QueryOutcome::Answered),
+            2
+        ));
+        assert!(tallies.add(
+            &sample("agent", "api.vendor.example", 10, QueryOutcome::NxDomain),
+            2
+        ));
+        assert!(tallies.add(
+            &sample("agent", "api.vendor.example", 30, QueryOutcome::Other),
+            2
+        ));
+        assert!(tallies.add(
+            &sample("other", "api.vendor.example", 5, QueryOutcome::Answered),
+            2
+        ));
+        assert!(
+            tallies.add(&sample("agent", " . ", 5, QueryOutcome::Answered), 2),
+            "empty: skipped"
+        );
+        // Full: a new question is refused, a known one still counted.
+        assert!(!tallies.add(
+            &sample("agent", "new.example", 40, QueryOutcome::Answered),
+            2
+        ));
+        assert!(tallies.add(
+            &sample("other", "api.vendor.example", 50, QueryOutcome::Answered),
+            2
+        ));
+        assert_eq!(tallies.len(), 2);
+        let by_workload: BTreeMap<&str, &QueryTally> = tallies
+            .iter()
+            .map(|((workload, name, qtype), tally)| {
+                assert_eq!((name.as_str(), qtype.as_str()), ("api.vendor.example", "A"));
+                (workload.as_str(), tally)
+            })
+            .collect();
+        assert_eq!(
+            by_workload["agent"],
+            &QueryTally {
+                count: 3,
+                nxdomain: 1,
+                answered: 1,
+                first_seen: at(10),
+                last_seen: at(30),
+            }
+        );
+        assert_eq!(
+            (by_workload["other"].count, by_workload["other"].answered),
+            (2, 2)
+        );
+        tallies.clear();
+        assert!(tallies.is_empty());
+    }
 
     fn observation(workload: &str, name: &str) -> NameObservation {
         NameObservation {

@@ -35,7 +35,7 @@ use crate::model::{
     FlowSample, MAX_NAMES, MAX_PROCESSES, Observation, Process, SampleVerdict, is_plaintext,
     normalize_name,
 };
-use crate::names::{NameObservation, QueryOutcome, QuerySample};
+use crate::names::{NameObservation, QuerySample, QueryTallies};
 
 /// The schema this build writes. Older files are migrated on open; newer ones refused.
 pub const SCHEMA_VERSION: i64 = 2;
@@ -464,7 +464,16 @@ impl Store {
     /// Adds answered DNS questions, aggregated per (workload, name, type), in one
     /// transaction.
     pub fn record_queries(&mut self, samples: &[QuerySample]) -> Result<(), ObserveError> {
-        if samples.is_empty() {
+        let mut tallies = QueryTallies::new();
+        for sample in samples {
+            tallies.add(sample, usize::MAX);
+        }
+        self.record_query_tallies(&tallies)
+    }
+
+    /// Adds counted answers to the names' rows, one statement per question.
+    pub fn record_query_tallies(&mut self, tallies: &QueryTallies) -> Result<(), ObserveError> {
+        if tallies.is_empty() {
             return Ok(());
         }
         let path = &self.path;
@@ -478,28 +487,26 @@ impl Store {
                 .prepare_cached(
                     "INSERT INTO dns_queries
                        (workload, name, qtype, count, nxdomain, answered, first_seen_ms, last_seen_ms)
-                     VALUES (?1, ?2, ?3, 1, ?4, ?5, ?6, ?6)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
                      ON CONFLICT (workload, name, qtype) DO UPDATE SET
-                       count = min(count + 1, 9223372036854775807),
+                       count = min(count + excluded.count, 9223372036854775807),
                        nxdomain = min(nxdomain + excluded.nxdomain, 9223372036854775807),
                        answered = min(answered + excluded.answered, 9223372036854775807),
                        first_seen_ms = min(first_seen_ms, excluded.first_seen_ms),
                        last_seen_ms = max(last_seen_ms, excluded.last_seen_ms)",
                 )
                 .map_err(sql("preparing to record DNS questions"))?;
-            for sample in samples {
-                let name = normalize_name(&sample.name);
-                if name.is_empty() {
-                    continue;
-                }
+            for ((workload, name, qtype), tally) in tallies.iter() {
                 upsert
                     .execute(params![
-                        sample.workload,
+                        workload,
                         name,
-                        sample.qtype,
-                        i64::from(sample.outcome == QueryOutcome::NxDomain),
-                        i64::from(sample.outcome == QueryOutcome::Answered),
-                        to_millis(sample.at),
+                        qtype,
+                        clamp_counter(tally.count),
+                        clamp_counter(tally.nxdomain),
+                        clamp_counter(tally.answered),
+                        to_millis(tally.first_seen),
+                        to_millis(tally.last_seen),
                     ])
                     .map_err(sql("recording a DNS question"))?;
             }

@@ -501,12 +501,20 @@ fn dns_questions_aggregate_and_say_whether_a_connection_followed() {
     sample.connections = 1;
     store.record(&[sample]).expect("record a flow");
 
+    // A later flush adds to the rows (counts summed, the window widened).
+    store
+        .record_queries(&[query("api.vendor.example", 90, QueryOutcome::NxDomain)])
+        .expect("record again");
+
     let names = store.names(&Filter::default()).expect("names");
     let by_name: std::collections::BTreeMap<&str, &crate::NameObservation> =
         names.iter().map(|n| (n.name.as_str(), n)).collect();
     let api = by_name["api.vendor.example"];
-    assert_eq!((api.count, api.answered, api.connected), (2, 2, true));
-    assert_eq!((api.first_seen, api.last_seen), (at(100), at(200)));
+    assert_eq!(
+        (api.count, api.answered, api.nxdomain, api.connected),
+        (3, 2, 1, true)
+    );
+    assert_eq!((api.first_seen, api.last_seen), (at(90), at(200)));
     assert!(!by_name["failover.vendor.example"].connected);
     assert_eq!(by_name["gone.vendor.example"].nxdomain, 1);
     assert_eq!(names[0].name, "api.vendor.example", "most asked first");
