@@ -448,6 +448,18 @@ impl Bench {
                 config,
                 report.per_second(report.ops),
             );
+            self.record(
+                &Key::new(
+                    &format!("connect_cpu_{threads}"),
+                    &format!("{title}: CPU per connection, all CPUs"),
+                    "µs",
+                    e,
+                    false,
+                ),
+                round,
+                config,
+                report.cpu_ns_per(report.ops) / 1000.0,
+            );
             if let (Some(daemon), Some(before)) = (daemon, before)
                 && threads == 1
             {
@@ -492,6 +504,18 @@ impl Bench {
             config,
             report.per_second(report.bytes) / MIB,
         );
+        self.record(
+            &Key::new(
+                "stream_cpu",
+                "TCP stream: CPU per MiB, all CPUs",
+                "µs",
+                e,
+                false,
+            ),
+            round,
+            config,
+            report.cpu_ns_per(report.bytes) * MIB / 1000.0,
+        );
         let report = self.client(
             config,
             &Spec::Udp {
@@ -512,6 +536,18 @@ impl Bench {
             round,
             config,
             report.per_second(report.ops),
+        );
+        self.record(
+            &Key::new(
+                "udp_cpu",
+                "UDP sendto: CPU per datagram, all CPUs",
+                "ns",
+                e,
+                false,
+            ),
+            round,
+            config,
+            report.cpu_ns_per(report.ops),
         );
         let report = self.client(
             config,

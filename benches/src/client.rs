@@ -75,9 +75,21 @@ pub struct Report {
     /// `Check`: each step's errno.
     pub steps: BTreeMap<String, i32>,
     pub dns: Option<DnsReport>,
+    /// Busy CPU time of the whole machine during the timed loop (`procfs::host_busy_ns`):
+    /// what the operations cost every CPU, the receiving ends' and the kernel's included.
+    #[serde(default)]
+    pub host_busy_ns: u64,
 }
 
 impl Report {
+    /// Busy CPU time of the whole machine per `count` (NaN when none).
+    pub fn cpu_ns_per(&self, count: u64) -> f64 {
+        if count == 0 {
+            return f64::NAN;
+        }
+        self.host_busy_ns as f64 / count as f64
+    }
+
     pub fn per_second(&self, count: u64) -> f64 {
         if self.elapsed_ns == 0 {
             return 0.0;
@@ -209,6 +221,7 @@ fn connect_loop(
 ) -> anyhow::Result<Report> {
     let target = SockaddrIn::from(target);
     let per_thread = max / threads as u64;
+    let busy_before = crate::procfs::host_busy_ns()?;
     let started = Instant::now();
     let deadline = started + Duration::from_millis(millis);
     let workers: Vec<_> = (0..threads)
@@ -234,6 +247,7 @@ fn connect_loop(
         }
     }
     report.elapsed_ns = elapsed_ns(started);
+    report.host_busy_ns = crate::procfs::host_busy_ns()?.saturating_sub(busy_before);
     report.ops = report.outcomes.get(&expect).copied().unwrap_or(0);
     Ok(report)
 }
@@ -268,6 +282,7 @@ fn stream(target: SocketAddrV4, millis: u64) -> anyhow::Result<Report> {
         .set_write_timeout(Some(Duration::from_millis(STEP_TIMEOUT_MS.unsigned_abs())))
         .context("SO_SNDTIMEO")?;
     let buf = vec![0x5au8; 128 * 1024];
+    let busy_before = crate::procfs::host_busy_ns()?;
     let started = Instant::now();
     let deadline = started + Duration::from_millis(millis);
     let mut report = Report::default();
@@ -279,6 +294,7 @@ fn stream(target: SocketAddrV4, millis: u64) -> anyhow::Result<Report> {
         report.ops += 1;
     }
     report.elapsed_ns = elapsed_ns(started);
+    report.host_busy_ns = crate::procfs::host_busy_ns()?.saturating_sub(busy_before);
     report.outcomes.insert(0, report.ops);
     Ok(report)
 }
@@ -294,6 +310,7 @@ fn udp(target: SocketAddrV4, payload: usize, millis: u64) -> anyhow::Result<Repo
     setsockopt(&fd, sockopt::SendTimeout, &timeout()).context("SO_SNDTIMEO")?;
     let target = SockaddrIn::from(target);
     let buf = vec![0x5au8; payload];
+    let busy_before = crate::procfs::host_busy_ns()?;
     let started = Instant::now();
     let deadline = started + Duration::from_millis(millis);
     let mut report = Report::default();
@@ -305,6 +322,7 @@ fn udp(target: SocketAddrV4, payload: usize, millis: u64) -> anyhow::Result<Repo
         *report.outcomes.entry(errno).or_default() += 1;
     }
     report.elapsed_ns = elapsed_ns(started);
+    report.host_busy_ns = crate::procfs::host_busy_ns()?.saturating_sub(busy_before);
     report.ops = report.outcomes.get(&0).copied().unwrap_or(0);
     report.bytes = report.ops * payload as u64;
     Ok(report)

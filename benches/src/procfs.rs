@@ -30,6 +30,37 @@ impl ProcSample {
     }
 }
 
+/// Busy CPU time of the whole machine since boot, all CPUs, in nanoseconds: user, system and
+/// interrupt time, not idle, I/O wait or time the hypervisor gave to someone else (steal).
+/// Both ends of a loopback connection and the kernel's softirq work on either CPU are in it.
+pub fn host_busy_ns() -> anyhow::Result<u64> {
+    let stat = fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    busy_ns_of(&stat)
+}
+
+/// [`host_busy_ns`] of /proc/stat's text.
+fn busy_ns_of(stat: &str) -> anyhow::Result<u64> {
+    let line = stat
+        .lines()
+        .next()
+        .filter(|line| line.starts_with("cpu "))
+        .ok_or_else(|| anyhow!("/proc/stat: no summary `cpu` line first"))?;
+    let fields: Vec<&str> = line.split_whitespace().skip(1).collect();
+    // user nice system idle iowait irq softirq steal ...; guest time is counted in user.
+    let ticks = |index: usize, name: &str| -> anyhow::Result<u64> {
+        fields
+            .get(index)
+            .and_then(|value| value.parse::<u64>().ok())
+            .ok_or_else(|| anyhow!("/proc/stat: no {name} time in {line:?}"))
+    };
+    let busy = ticks(0, "user")?
+        + ticks(1, "nice")?
+        + ticks(2, "system")?
+        + ticks(5, "irq")?
+        + ticks(6, "softirq")?;
+    Ok((busy as f64 / TICKS_PER_SECOND * 1e9) as u64)
+}
+
 /// Memory and CPU time (user + system, all threads) of `pid`.
 pub fn sample(pid: u32) -> anyhow::Result<ProcSample> {
     let at = Instant::now();
@@ -184,5 +215,15 @@ mod tests {
         std::hint::black_box(x);
         let second = sample(std::process::id()).expect("sample self");
         assert!(second.cpu_percent_since(&first) >= 0.0);
+    }
+
+    #[test]
+    fn busy_time_leaves_idle_iowait_and_steal_out() {
+        // user nice system idle iowait irq softirq steal guest guest_nice
+        let stat = "cpu  100 2 30 5000 40 5 6 700 0 0\ncpu0 50 1 15 2500 20 2 3 350 0 0\n";
+        assert_eq!(busy_ns_of(stat).expect("parse"), 143 * 10_000_000);
+        assert!(busy_ns_of("intr 1 2 3\n").is_err());
+        assert!(busy_ns_of("cpu  1 2\n").is_err());
+        assert!(host_busy_ns().expect("this machine's /proc/stat") > 0);
     }
 }
