@@ -11,8 +11,8 @@ use std::os::unix::net::UnixListener;
 use std::time::{Duration, Instant};
 
 use egressd_tests::{
-    Daemon, EPERM, EVENT_TIMEOUT, TcpTarget, TestCgroup, UdpTarget, WorkloadSpec, allow,
-    allow_ping_sockets, connect_fd, metrics::free_port, policy_toml, receive_fd, run_probe,
+    Daemon, EPERM, EVENT_TIMEOUT, ProbeResult, TcpTarget, TestCgroup, UdpTarget, WorkloadSpec,
+    allow, allow_ping_sockets, connect_fd, metrics::free_port, policy_toml, receive_fd, run_probe,
     run_probe_in, send_fd, spawn_probe_in,
 };
 use serde_json::Value;
@@ -35,6 +35,22 @@ fn one_allowed_port(cgroup: &TestCgroup) -> (TcpTarget, TcpTarget, Daemon) {
         "tcp",
     ))]));
     (allowed, refused, daemon)
+}
+
+/// Hands `socket` (SCM_RIGHTS over a Unix socket at `path`) to a probe started in `cgroup`,
+/// which uses it with `verb` (`receive-connect` or `receive-sendto`) towards `ip`:`port`.
+fn hand_to_probe(
+    path: &std::path::Path,
+    socket: &std::os::fd::OwnedFd,
+    cgroup: &TestCgroup,
+    verb: &str,
+    ip: &str,
+    port: &str,
+) -> ProbeResult {
+    let listener = UnixListener::bind(path).expect("bind the unix socket");
+    let receiver = spawn_probe_in(cgroup, &[verb, path.to_str().expect("utf-8"), ip, port]);
+    send_fd(&listener, socket);
+    receiver.wait(Duration::from_secs(20))
 }
 
 fn is_event(event: &Value, kind: &str, destination: &str) -> bool {
@@ -354,8 +370,6 @@ fn privileged_socket_of_no_workload_passed_into_a_workload_takes_the_receivers_p
     let dir = tempfile::tempdir().expect("tempdir");
 
     for (target, expect_ok) in [(&refused, false), (&allowed, true)] {
-        let path = dir.path().join(format!("take-{}.sock", target.port));
-        let listener = UnixListener::bind(&path).expect("bind the unix socket");
         // Made by the test process, in no workload, while egressd runs: no record of its
         // creator is kept, so it cannot carry "no policy" into the workload.
         let socket = nix::sys::socket::socket(
@@ -365,17 +379,14 @@ fn privileged_socket_of_no_workload_passed_into_a_workload_takes_the_receivers_p
             None,
         )
         .expect("a TCP socket");
-        let receiver = spawn_probe_in(
+        let result = hand_to_probe(
+            &dir.path().join(format!("take-{}.sock", target.port)),
+            &socket,
             &cgroup,
-            &[
-                "receive-connect",
-                path.to_str().expect("utf-8"),
-                &target.ip.to_string(),
-                &target.port_str(),
-            ],
+            "receive-connect",
+            &target.ip.to_string(),
+            &target.port_str(),
         );
-        send_fd(&listener, &socket);
-        let result = receiver.wait(Duration::from_secs(20));
         if expect_ok {
             result.assert_ok("the workload connects a passed socket to its allowed destination");
         } else {
@@ -405,19 +416,14 @@ fn privileged_socket_of_no_workload_handed_on_takes_each_receivers_policy() {
     .expect("a UDP socket");
 
     for (turn, (cgroup, expect_ok)) in [(&sender, true), (&other, false)].into_iter().enumerate() {
-        let path = dir.path().join(format!("handed-{turn}.sock"));
-        let listener = UnixListener::bind(&path).expect("bind the unix socket");
-        let receiver = spawn_probe_in(
+        let result = hand_to_probe(
+            &dir.path().join(format!("handed-{turn}.sock")),
+            &socket,
             cgroup,
-            &[
-                "receive-sendto",
-                path.to_str().expect("utf-8"),
-                "127.0.0.2",
-                &target.port_str(),
-            ],
+            "receive-sendto",
+            "127.0.0.2",
+            &target.port_str(),
         );
-        send_fd(&listener, &socket);
-        let result = receiver.wait(Duration::from_secs(20));
         if expect_ok {
             result.assert_ok("the workload whose rule allows the target sends on the socket");
         } else {
