@@ -649,7 +649,10 @@ impl Recorder {
         if self.questions_dropped > 0 {
             tracing::warn!(
                 dropped = self.questions_dropped,
-                "DNS questions arrived faster than flushes: some were not recorded"
+                limit = MAX_PENDING_QUESTIONS,
+                "more distinct DNS questions between two flushes than the recorder counts: \
+                 answers to the others were not recorded; a shorter [observe] flush_interval \
+                 loses fewer"
             );
             self.questions_dropped = 0;
         }
