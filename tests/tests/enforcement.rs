@@ -53,6 +53,17 @@ fn hand_to_probe(
     receiver.wait(Duration::from_secs(20))
 }
 
+/// An IPv4 socket made by the test process, in no workload, while egressd runs.
+fn socket_of_no_workload(kind: nix::sys::socket::SockType) -> std::os::fd::OwnedFd {
+    nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        kind,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("a socket")
+}
+
 fn is_event(event: &Value, kind: &str, destination: &str) -> bool {
     event["kind"] == kind && event["workload"] == PROBE && event["destination"] == destination
 }
@@ -372,13 +383,7 @@ fn privileged_socket_of_no_workload_passed_into_a_workload_takes_the_receivers_p
     for (target, expect_ok) in [(&refused, false), (&allowed, true)] {
         // Made by the test process, in no workload, while egressd runs: no record of its
         // creator is kept, so it cannot carry "no policy" into the workload.
-        let socket = nix::sys::socket::socket(
-            nix::sys::socket::AddressFamily::Inet,
-            nix::sys::socket::SockType::Stream,
-            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .expect("a TCP socket");
+        let socket = socket_of_no_workload(nix::sys::socket::SockType::Stream);
         let result = hand_to_probe(
             &dir.path().join(format!("take-{}.sock", target.port)),
             &socket,
@@ -407,13 +412,7 @@ fn privileged_socket_of_no_workload_handed_on_takes_each_receivers_policy() {
     ]));
     let dir = tempfile::tempdir().expect("tempdir");
     // Made by the test process, in no workload: each process it is handed to decides.
-    let socket = nix::sys::socket::socket(
-        nix::sys::socket::AddressFamily::Inet,
-        nix::sys::socket::SockType::Datagram,
-        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .expect("a UDP socket");
+    let socket = socket_of_no_workload(nix::sys::socket::SockType::Datagram);
 
     for (turn, (cgroup, expect_ok)) in [(&sender, true), (&other, false)].into_iter().enumerate() {
         let result = hand_to_probe(
