@@ -1126,14 +1126,23 @@ impl Datapath {
         self.bump_generation()
     }
 
+    /// One of the kernel's counters, summed over the CPUs.
+    fn counter_total(&self, index: u32) -> Result<u64, DatapathError> {
+        let values = self
+            .counters
+            .get(&index, 0)
+            .map_err(map_err("COUNTERS", "reading"))?;
+        Ok(values.iter().copied().fold(0u64, u64::wrapping_add))
+    }
+
+    /// DNS answers the kernel could not hand to the daemon (ring full): one read, for checks
+    /// too frequent to read every counter.
+    pub fn dns_answer_drops(&self) -> Result<u64, DatapathError> {
+        self.counter_total(counters::COUNTER_DNS_DROPS)
+    }
+
     pub fn counters(&self) -> Result<Counters, DatapathError> {
-        let total = |index: u32| -> Result<u64, DatapathError> {
-            let values = self
-                .counters
-                .get(&index, 0)
-                .map_err(map_err("COUNTERS", "reading"))?;
-            Ok(values.iter().copied().fold(0u64, u64::wrapping_add))
-        };
+        let total = |index: u32| self.counter_total(index);
         Ok(Counters {
             events: total(counters::COUNTER_EVENTS)?,
             ring_buffer_drops: total(counters::COUNTER_RING_DROPS)?,

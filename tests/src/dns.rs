@@ -559,6 +559,7 @@ pub mod wire {
 
     pub const TYPE_A: u16 = 1;
     pub const TYPE_CNAME: u16 = 5;
+    pub const TYPE_TXT: u16 = 16;
     pub const TYPE_AAAA: u16 = 28;
 }
 

@@ -801,6 +801,82 @@ fn privileged_fqdn_answers_that_do_not_parse_grant_nothing() {
     );
 }
 
+/// The daemon gets the first 2 KiB of an answer; the kernel walks all of it. An address past
+/// the daemon's copy is allowed by the kernel for a moment, then taken back by the daemon's
+/// check of the addresses it never adopted: a cut answer brings that check forward (it
+/// otherwise runs every 30 s).
+#[test]
+fn privileged_fqdn_an_address_past_the_daemons_copy_of_a_long_answer_is_taken_back() {
+    const ADDR: &str = "127.0.70.1";
+    /// How long the daemon may take to take the address back.
+    const TAKE_BACK_TIMEOUT: Duration = Duration::from_secs(10);
+    let cgroup = TestCgroup::new();
+    let server = TcpServer::bind("0.0.0.0");
+    let fake = FakeResolver::bind("127.0.53.24");
+    let port = server.port;
+    let daemon = Daemon::start(&strict_with_dns(
+        &[WorkloadSpec::new(PROBE, &cgroup).allow(tcp_rule("api.example.test", port))],
+        &DnsSettings::resolvers(&[&fake.addr_str()]),
+    ));
+    let kernel_inserts = || {
+        let report = daemon.dns();
+        report["stats"]["kernel_inserts"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("`dns --json` has no stats.kernel_inserts: {report}"))
+    };
+    let inserts_before = kernel_inserts();
+
+    forged_exchange(&cgroup, &fake, "api.example.test", |query| {
+        let mut message = wire::header(query.id, wire::RESPONSE, 1, 2);
+        message.extend(wire::question(&query.name, wire::TYPE_A));
+        // A TXT record of nine 250-byte strings pushes the A record past 2 KiB.
+        let text: Vec<u8> = (0..9)
+            .flat_map(|_| std::iter::once(250u8).chain([b'x'; 250]))
+            .collect();
+        message.extend_from_slice(&wire::pointer(12));
+        message.extend(wire::record_tail(wire::TYPE_TXT, 300, &text));
+        assert!(
+            message.len() > 2048,
+            "the A record starts at {}",
+            message.len()
+        );
+        message.extend_from_slice(&wire::pointer(12));
+        message.extend(wire::record_tail(
+            wire::TYPE_A,
+            300,
+            &ADDR.parse::<Ipv4Addr>().expect("ip").octets(),
+        ));
+        fake.send(&message, query.from);
+    });
+    // The kernel allowed it (else this test proves nothing).
+    let inserts_after = kernel_inserts();
+    assert!(
+        inserts_after > inserts_before,
+        "the kernel inserted no address from the long answer (kernel_inserts {inserts_before} → {inserts_after})\n{}",
+        daemon.logs()
+    );
+
+    let started = Instant::now();
+    loop {
+        let result = connect(&cgroup, ADDR, port);
+        if result.is_eperm() {
+            break;
+        }
+        assert!(
+            started.elapsed() < TAKE_BACK_TIMEOUT,
+            "{ADDR}, past the daemon's copy of the answer, still allowed after {TAKE_BACK_TIMEOUT:?}: {result}\ndns: {}\n{}",
+            daemon.dns(),
+            daemon.logs()
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        !lists_address(&daemon, ADDR),
+        "the daemon lists {ADDR}: {}",
+        daemon.dns()
+    );
+}
+
 #[test]
 fn privileged_fqdn_egressctl_dns_lists_names_addresses_and_ttls() {
     let cgroup = TestCgroup::new();

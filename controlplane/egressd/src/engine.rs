@@ -18,6 +18,7 @@ use egressd_proto::{
     PolicyStatus, ReloadFailure, StatusReport, WorkloadStatus,
 };
 
+use crate::adoption::AdoptionCheck;
 use crate::cgroups;
 use crate::modes::ModeOverrides;
 
@@ -59,6 +60,8 @@ pub struct Engine {
     dns_parse_failures: u64,
     /// Learned addresses in the kernel the daemon did not adopt, at the last check.
     unadopted: BTreeSet<(u32, IpAddr)>,
+    /// When to look for them again.
+    adoption: AdoptionCheck,
     /// Learned addresses found in adopted (pinned) maps, whose answers this daemon never saw:
     /// kept until min_ttl + grace after the start, unless an answer renews them.
     inherited_addresses: BTreeMap<(u32, IpAddr), Instant>,
@@ -94,6 +97,7 @@ impl Engine {
             search_domains: Vec::new(),
             dns_parse_failures: 0,
             unadopted: BTreeSet::new(),
+            adoption: AdoptionCheck::new(),
             inherited_addresses: BTreeMap::new(),
             ids_path,
             limits: crate::limits::Limits::default(),
@@ -481,10 +485,14 @@ impl Engine {
         if answer.refused_query.is_some() {
             return None;
         }
+        if answer.message_len > answer.payload.len() {
+            self.adoption.answer_unread();
+        }
         let response = match parsed {
             Ok(response) => response,
             Err(e) => {
                 self.dns_parse_failures += 1;
+                self.adoption.answer_unread();
                 // The kernel may have allowed addresses from it already: withdraw any the
                 // table does not hold for other answers.
                 if answer.name_allowed {
@@ -567,6 +575,36 @@ impl Engine {
         }
         // Those the table holds now (renewed by an answer) stay, with the table's rules.
         self.refresh_addresses(&inherited_expired);
+        self.remove_unadopted(now);
+        // Learned addresses that found no room: try again as the map frees up, a bounded
+        // number per check, stopping at the first that still finds none.
+        for key in self
+            .limits
+            .unstored_addresses(crate::limits::RETRIES_PER_CHECK)
+        {
+            if self.refresh_addresses(&[key]) {
+                break;
+            }
+        }
+    }
+
+    /// Removes the learned addresses in the kernel that the daemon did not adopt, once two
+    /// walks in a row found them (the first may see an answer still on its way), when
+    /// [`AdoptionCheck`] says they may be there.
+    fn remove_unadopted(&mut self, now: Instant) {
+        let answer_drops = match self.datapath.dns_answer_drops() {
+            Ok(drops) => Some(drops),
+            Err(e) => {
+                tracing::debug!("reading the count of lost DNS answers: {e}");
+                None
+            }
+        };
+        if !self
+            .adoption
+            .due(now, answer_drops, !self.unadopted.is_empty())
+        {
+            return;
+        }
         let unadopted: BTreeSet<(u32, IpAddr)> = self
             .datapath
             .unadopted_fqdn_addresses()
@@ -578,16 +616,6 @@ impl Engine {
             .difference(&stale.iter().copied().collect())
             .copied()
             .collect();
-        // Learned addresses that found no room: try again as the map frees up, a bounded
-        // number per check, stopping at the first that still finds none.
-        for key in self
-            .limits
-            .unstored_addresses(crate::limits::RETRIES_PER_CHECK)
-        {
-            if self.refresh_addresses(&[key]) {
-                break;
-            }
-        }
     }
 
     /// Walks the kernel's flow summaries and names for the recorder the ones `select` picks

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod access;
+mod adoption;
 mod cgroups;
 mod clients;
 mod control;
