@@ -123,6 +123,7 @@ fn kind(response: &Response) -> &'static str {
         Response::Error { .. } => "error",
         Response::Event(_) => "event",
         Response::EndOfEvents => "end_of_events",
+        Response::DnsNames { .. } => "dns_names",
         Response::Dns(_) => "dns",
         Response::Flushed(_) => "flushed",
     }

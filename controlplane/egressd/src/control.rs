@@ -7,7 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use egressd_proto::{MAX_REQUEST, Request, Response, read_frame_async_limited, write_frame_async};
+use egressd_proto::{
+    DNS_PART_BUDGET, MAX_REQUEST, ProtoError, Request, Response, read_frame_async_limited,
+    write_frame_async,
+};
 use tokio::io::{AsyncBufReadExt as _, BufReader, BufWriter};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
@@ -209,9 +212,25 @@ async fn send(
     writer: &mut BufWriter<tokio::net::unix::OwnedWriteHalf>,
     response: &Response,
 ) -> anyhow::Result<()> {
-    tokio::time::timeout(WRITE_TIMEOUT, write_frame_async(writer, response))
+    let written = tokio::time::timeout(WRITE_TIMEOUT, write_frame_async(writer, response))
         .await
-        .context("client did not read its answer")??;
+        .context("client did not read its answer")?;
+    let Err(ProtoError::FrameTooLarge { limit }) = written else {
+        return Ok(written?);
+    };
+    // Nothing of it was written (frames are checked whole first): say why instead of
+    // closing the connection without a word.
+    let message = format!(
+        "egressd's answer is larger than the control socket's limit of {} MiB per message",
+        limit >> 20
+    );
+    tracing::warn!("control socket: {message}");
+    tokio::time::timeout(
+        WRITE_TIMEOUT,
+        write_frame_async(writer, &Response::Error { message }),
+    )
+    .await
+    .context("client did not read its answer")??;
     Ok(())
 }
 
@@ -359,11 +378,13 @@ async fn handle(
                 send(&mut writer, &response).await?;
             }
             Request::Dns { workload } => {
-                let response = match lock(shared)?.dns_report(workload.as_deref()) {
-                    Ok(report) => Response::Dns(report),
-                    Err(message) => Response::Error { message },
+                let frames = match lock(shared)?.dns_report(workload.as_deref()) {
+                    Ok(report) => report.into_frames(DNS_PART_BUDGET),
+                    Err(message) => vec![Response::Error { message }],
                 };
-                send(&mut writer, &response).await?;
+                for frame in &frames {
+                    send(&mut writer, frame).await?;
+                }
             }
             Request::Events { follow, limit } => {
                 // Subscribe before reading the backlog so nothing falls in between.

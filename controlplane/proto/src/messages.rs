@@ -45,7 +45,7 @@ pub enum Request {
         limit: Option<usize>,
     },
     /// The names workloads resolved through FQDN rules and their addresses. Answered by
-    /// [`Response::Dns`].
+    /// [`Response::Dns`], preceded by [`Response::DnsNames`] frames when it is large.
     Dns {
         #[serde(default)]
         workload: Option<String>,
@@ -165,6 +165,11 @@ pub enum Response {
     Event(EventRecord),
     /// No more events follow (the end of the backlog of a non-follow request).
     EndOfEvents,
+    /// Some of the names of the [`Response::Dns`] that ends the answer to [`Request::Dns`]: a
+    /// report too large for one frame comes as parts (see `DnsReport::into_frames`).
+    DnsNames {
+        names: Vec<DnsName>,
+    },
     Dns(DnsReport),
     Flushed(FlushReport),
 }

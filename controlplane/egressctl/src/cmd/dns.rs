@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::process::ExitCode;
 
+use anyhow::bail;
 use egressd_proto::{DnsReport, Request, Response};
 
 use crate::client::{Client, TIMEOUT, unexpected};
@@ -23,9 +24,17 @@ pub fn run(socket: &Path, args: &Args) -> anyhow::Result<ExitCode> {
     let request = Request::Dns {
         workload: args.workload.clone(),
     };
-    let report = match Client::connect(socket, Some(TIMEOUT))?.call(&request)? {
-        Response::Dns(report) => report,
-        other => return Err(unexpected(other)),
+    let mut client = Client::connect(socket, Some(TIMEOUT))?;
+    client.send(&request)?;
+    // A large report comes in parts, then the rest with the stats.
+    let mut earlier = Vec::new();
+    let report = loop {
+        match client.receive()? {
+            Some(Response::DnsNames { mut names }) => earlier.append(&mut names),
+            Some(Response::Dns(last)) => break last.after_parts(earlier),
+            Some(other) => return Err(unexpected(other)),
+            None => bail!("egressd closed the connection before the end of its answer"),
+        }
     };
     print_report(&report, args.json, format_dns)?;
     Ok(ExitCode::SUCCESS)
