@@ -895,6 +895,7 @@ impl Bench {
                         let name = id("dns_answer_drops");
                         let key = Key::new(&name, &title, "answers", None, false);
                         self.results.record(&key, round, config, drops as f64);
+                        self.dns_idle(daemon, round, rate)?;
                     }
                     drop(daemon);
                     ensure_no_rules()?;
@@ -906,6 +907,37 @@ impl Bench {
             "The benchmark's resolver answered {} queries in all.",
             resolver.answered()
         ));
+        Ok(())
+    }
+
+    /// egressd's CPU at idle once the DNS load stopped, holding every address it learned: what
+    /// a daemon costs that has learned many names (its upkeep must not grow with them).
+    fn dns_idle(&mut self, daemon: &Daemon, round: usize, rate: u32) -> anyhow::Result<()> {
+        let config = Config::Egressd;
+        let id = |name: &str| format!("{name}@{rate}/s");
+        let learned = || -> anyhow::Result<f64> {
+            let status = daemon.status();
+            status["datapath"]["maps"]
+                .as_array()
+                .and_then(|maps| maps.iter().find(|map| map["map"] == "fqdn_addresses"))
+                .and_then(|map| map["entries"].as_u64())
+                .map(|entries| entries as f64)
+                .ok_or_else(|| anyhow::anyhow!("`status` names no fqdn_addresses map: {status}"))
+        };
+        let held = learned()?;
+        let before = procfs::sample(daemon.pid())?;
+        thread::sleep(Duration::from_millis(self.opts.idle_millis));
+        let after = procfs::sample(daemon.pid())?;
+        let key_name = id("dns_idle_cpu");
+        let title =
+            format!("egressd CPU at idle after DNS at {rate}/s, every learned address held");
+        let key = Key::new(&key_name, &title, "% of a CPU", None, false);
+        self.results
+            .record(&key, round, config, after.cpu_percent_since(&before));
+        let key_name = id("dns_learned_addresses");
+        let title = format!("learned addresses held after DNS at {rate}/s");
+        let key = Key::new(&key_name, &title, "addresses", None, true);
+        self.results.record(&key, round, config, held);
         Ok(())
     }
 

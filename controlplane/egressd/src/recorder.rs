@@ -436,7 +436,7 @@ impl Recorder {
                     continue;
                 }
                 Some(Message::Questions(questions)) => {
-                    self.questions(&questions);
+                    self.questions(questions);
                     continue;
                 }
                 _ => {}
@@ -450,7 +450,7 @@ impl Recorder {
             for message in first.into_iter().chain(queued) {
                 match message {
                     Message::Sighting(sighting) => self.take(*sighting),
-                    Message::Questions(questions) => self.questions(&questions),
+                    Message::Questions(questions) => self.questions(questions),
                     Message::Flush(reply) => requests.push(reply),
                     Message::Stop => stop = true,
                 }
@@ -469,7 +469,7 @@ impl Recorder {
         }
     }
 
-    fn questions(&mut self, questions: &[QuerySample]) {
+    fn questions(&mut self, questions: Vec<QuerySample>) {
         for question in questions {
             if !self.questions.add(question, MAX_PENDING_QUESTIONS) {
                 self.questions_dropped += 1;

@@ -307,9 +307,38 @@ pub(crate) fn normalize_name(name: &str) -> String {
     name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase()
 }
 
+/// [`normalize_name`] of an owned name: given back as it is when it is normalized already,
+/// as the daemon's DNS parser leaves every question name.
+pub(crate) fn normalized_name(name: String) -> String {
+    let normal = !name.ends_with('.')
+        && name.trim().len() == name.len()
+        && !name.bytes().any(|b| b.is_ascii_uppercase());
+    if normal { name } else { normalize_name(&name) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_owned_name_is_normalized_like_a_borrowed_one() {
+        for name in [
+            "api.vendor.example",
+            "API.vendor.example",
+            "api.vendor.example.",
+            " api.vendor.example",
+            "api.vendor.example\t",
+            "",
+            " . ",
+            "é.example",
+        ] {
+            assert_eq!(
+                normalized_name(name.to_owned()),
+                normalize_name(name),
+                "{name:?}"
+            );
+        }
+    }
 
     #[test]
     fn plaintext_needs_tcp_or_udp_and_a_listed_port() {

@@ -66,32 +66,40 @@ impl QueryTallies {
 
     /// Counts `sample`. False, and nothing counted, when it is a question not counted yet
     /// and `max_questions` distinct ones are held already. Empty names are skipped.
-    pub fn add(&mut self, sample: &QuerySample, max_questions: usize) -> bool {
-        let name = crate::model::normalize_name(&sample.name);
+    /// Takes the sample whole: its strings become the key, with no copy (the daemon counts
+    /// every DNS answer of every workload here).
+    pub fn add(&mut self, sample: QuerySample, max_questions: usize) -> bool {
+        let QuerySample {
+            workload,
+            name,
+            qtype,
+            at,
+            outcome,
+        } = sample;
+        let name = crate::model::normalized_name(name);
         if name.is_empty() {
             return true;
         }
-        let key = (sample.workload.clone(), name, sample.qtype.clone());
         let full = self.by_question.len() >= max_questions;
-        let tally = match self.by_question.entry(key) {
+        let tally = match self.by_question.entry((workload, name, qtype)) {
             Entry::Occupied(entry) => entry.into_mut(),
             Entry::Vacant(_) if full => return false,
             Entry::Vacant(entry) => entry.insert(QueryTally {
                 count: 0,
                 nxdomain: 0,
                 answered: 0,
-                first_seen: sample.at,
-                last_seen: sample.at,
+                first_seen: at,
+                last_seen: at,
             }),
         };
         tally.count = tally.count.saturating_add(1);
-        match sample.outcome {
+        match outcome {
             QueryOutcome::NxDomain => tally.nxdomain = tally.nxdomain.saturating_add(1),
             QueryOutcome::Answered => tally.answered = tally.answered.saturating_add(1),
             QueryOutcome::Other => {}
         }
-        tally.first_seen = tally.first_seen.min(sample.at);
-        tally.last_seen = tally.last_seen.max(sample.at);
+        tally.first_seen = tally.first_seen.min(at);
+        tally.last_seen = tally.last_seen.max(at);
         true
     }
 
@@ -222,32 +230,32 @@ mod tests {
         };
         let mut tallies = QueryTallies::new();
         assert!(tallies.add(
-            &sample("agent", "API.vendor.example.", 20, QueryOutcome::Answered),
+            sample("agent", "API.vendor.example.", 20, QueryOutcome::Answered),
             2
         ));
         assert!(tallies.add(
-            &sample("agent", "api.vendor.example", 10, QueryOutcome::NxDomain),
+            sample("agent", "api.vendor.example", 10, QueryOutcome::NxDomain),
             2
         ));
         assert!(tallies.add(
-            &sample("agent", "api.vendor.example", 30, QueryOutcome::Other),
+            sample("agent", "api.vendor.example", 30, QueryOutcome::Other),
             2
         ));
         assert!(tallies.add(
-            &sample("other", "api.vendor.example", 5, QueryOutcome::Answered),
+            sample("other", "api.vendor.example", 5, QueryOutcome::Answered),
             2
         ));
         assert!(
-            tallies.add(&sample("agent", " . ", 5, QueryOutcome::Answered), 2),
+            tallies.add(sample("agent", " . ", 5, QueryOutcome::Answered), 2),
             "empty: skipped"
         );
         // Full: a new question is refused, a known one still counted.
         assert!(!tallies.add(
-            &sample("agent", "new.example", 40, QueryOutcome::Answered),
+            sample("agent", "new.example", 40, QueryOutcome::Answered),
             2
         ));
         assert!(tallies.add(
-            &sample("other", "api.vendor.example", 50, QueryOutcome::Answered),
+            sample("other", "api.vendor.example", 50, QueryOutcome::Answered),
             2
         ));
         assert_eq!(tallies.len(), 2);

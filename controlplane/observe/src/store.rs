@@ -466,7 +466,7 @@ impl Store {
     pub fn record_queries(&mut self, samples: &[QuerySample]) -> Result<(), ObserveError> {
         let mut tallies = QueryTallies::new();
         for sample in samples {
-            tallies.add(sample, usize::MAX);
+            tallies.add(sample.clone(), usize::MAX);
         }
         self.record_query_tallies(&tallies)
     }
