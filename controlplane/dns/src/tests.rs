@@ -973,3 +973,34 @@ fn the_fuzz_seeds_are_valid_messages() {
     assert!(seed(include_bytes!("../fuzz/seeds/parse_response/tc_edns")).truncated);
     assert!(question_of_query(include_bytes!("../fuzz/seeds/parse_response/query")).is_ok());
 }
+
+/// The direct path of `name_text` writes what hickory's escaping writes, for names it takes
+/// (and the others go through that escaping).
+#[test]
+fn name_text_writes_plain_names_as_hickory_does() {
+    let mut names: Vec<Name> = [
+        "api.vendor.example",
+        "API.Vendor.Example.",
+        "a_b.c-d.example",
+        "x-.example",
+        "*.wild.example",
+        "xn--bcher-kva.example",
+        "_srv._tcp.example",
+        ".",
+        "",
+    ]
+    .iter()
+    .map(|text| Name::from_ascii(text).unwrap_or_else(|e| panic!("{text:?}: {e}")))
+    .collect();
+    names.push(
+        Name::from_labels([&b"a.b"[..], b"c\x01d", b"e f", b"\xc3\xa9"]).expect("binary labels"),
+    );
+    names.push(Name::from_labels([&b"-lead"[..], b"example"]).expect("a leading dash"));
+    for name in names {
+        assert_eq!(
+            crate::message::name_text(&name),
+            crate::message::escaped_name_text(&name),
+            "{name:?}"
+        );
+    }
+}
