@@ -910,6 +910,9 @@ impl Bench {
         Ok(())
     }
 
+    /// How long the DNS idle measurement waits after the load before it starts.
+    const DNS_IDLE_SETTLE: Duration = Duration::from_secs(1);
+
     /// egressd's CPU at idle once the DNS load stopped, holding every address it learned: what
     /// a daemon costs that has learned many names (its upkeep must not grow with them).
     fn dns_idle(&mut self, daemon: &Daemon, round: usize, rate: u32) -> anyhow::Result<()> {
@@ -925,6 +928,8 @@ impl Bench {
                 .ok_or_else(|| anyhow::anyhow!("`status` names no fqdn_addresses map: {status}"))
         };
         let held = learned()?;
+        // The answers still in the ring, and the recorder's write of the questions, first.
+        thread::sleep(Self::DNS_IDLE_SETTLE);
         let before = procfs::sample(daemon.pid())?;
         thread::sleep(Duration::from_millis(self.opts.idle_millis));
         let after = procfs::sample(daemon.pid())?;

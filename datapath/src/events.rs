@@ -330,6 +330,9 @@ pub struct DnsAnswer {
     pub tcp: bool,
     /// Addresses the kernel allowed from it before the socket saw it.
     pub inserted: u32,
+    /// The kernel created or changed no allow entry for it: every address it allowed was
+    /// held with these rules already (see [`crate::Datapath::set_fqdn_address`]).
+    pub entries_unchanged: bool,
     /// Not an answer: a query whose name no FQDN rule matches (`dns_queries =
     /// "allowlisted"`), refused (`Deny`) or reported (`WouldDeny`, audit mode). The payload
     /// is the query; `server` is the resolver it was for.
@@ -375,6 +378,7 @@ pub(crate) fn decode_dns(bytes: &[u8], clock: &Clock) -> Result<DnsAnswer, Datap
         name_allowed: answer.flags & raw::DNS_ANSWER_NAME_ALLOWED != 0,
         tcp: answer.flags & raw::DNS_ANSWER_TCP != 0,
         inserted: answer.inserted,
+        entries_unchanged: answer.flags & raw::DNS_ANSWER_ENTRIES_UNCHANGED != 0,
         refused_query: if answer.flags & raw::DNS_QUERY_REFUSED != 0 {
             Some(Verdict::Deny)
         } else if answer.flags & raw::DNS_QUERY_WOULD_REFUSE != 0 {

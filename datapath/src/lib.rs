@@ -12,6 +12,7 @@ mod rules;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
+use std::num::NonZeroU64;
 use std::path::{Path, PathBuf};
 
 use aya::{
@@ -378,8 +379,9 @@ pub struct Datapath {
     installed_fqdn: BTreeMap<(u32, u64), FqdnValue>,
     installed_resolvers: BTreeSet<[u8; 16]>,
     /// Learned addresses the daemon wrote (the kernel may hold more, briefly, from answers the
-    /// daemon has not read yet).
-    installed_fqdn_addresses: BTreeSet<(u32, [u8; 16])>,
+    /// daemon has not read yet), each with the fingerprint of the value it wrote last, `None`
+    /// when unknown (found in the map, or forgotten: see `forget_fqdn_values`).
+    installed_fqdn_addresses: BTreeMap<(u32, [u8; 16]), Option<NonZeroU64>>,
     /// Learned addresses carried over from another layout's pins at load.
     migrated_fqdn_addresses: usize,
     settings: Settings,
@@ -581,7 +583,10 @@ impl Datapath {
             installed_fqdn: BTreeMap::new(),
             installed_resolvers: BTreeSet::new(),
             migrated_fqdn_addresses: migrated_fqdn_addresses.len(),
-            installed_fqdn_addresses: migrated_fqdn_addresses,
+            installed_fqdn_addresses: migrated_fqdn_addresses
+                .into_iter()
+                .map(|key| (key, None))
+                .collect(),
             settings,
             capacity,
         };
@@ -713,7 +718,7 @@ impl Datapath {
         for entry in self.fqdn_addresses.keys() {
             let key = entry.map_err(map_err("FQDN_ADDRESSES", "reading"))?;
             self.installed_fqdn_addresses
-                .insert((u32::from_be_bytes(key.workload_be), key.addr));
+                .insert((u32::from_be_bytes(key.workload_be), key.addr), None);
         }
         Ok(())
     }
@@ -721,7 +726,7 @@ impl Datapath {
     /// Learned addresses the kernel holds, with the workload they are allowed for.
     pub fn fqdn_addresses(&self) -> Vec<(u32, std::net::IpAddr)> {
         self.installed_fqdn_addresses
-            .iter()
+            .keys()
             .map(|&(workload, addr)| (workload, canonical_addr(addr)))
             .collect()
     }
@@ -1163,18 +1168,25 @@ impl Datapath {
 
     /// Sets (Some) or removes (None) the port rules of an address learned from DNS answers.
     /// More distinct rules than an entry holds keep the first that fit.
+    ///
+    /// `kernel_unchanged`: the caller knows the kernel changed no entry that the daemon has
+    /// not rewritten since (it reads every answer the kernel allowed addresses from, in order,
+    /// and this one changed none: `DnsAnswer::entries_unchanged`; a lost or unreadable answer
+    /// must be followed by [`Datapath::forget_fqdn_values`]). Then an entry already written
+    /// with these rules is left as it is, without a system call: most answers renew addresses
+    /// the daemon wrote moments ago.
     pub fn set_fqdn_address(
         &mut self,
         workload: u32,
         addr: std::net::IpAddr,
         rules: Option<&[(Vec<PortRange>, Protocol)]>,
+        kernel_unchanged: bool,
     ) -> Result<(), DatapathError> {
         let bytes = rules::to_prefix(&IpNet::from(addr)).0;
         let key = AllowKey {
             workload_be: workload.to_be_bytes(),
             addr: bytes,
         };
-        self.before_write()?;
         match rules {
             Some(rules) => {
                 let port_rules: Vec<PortRule> = rules
@@ -1187,6 +1199,14 @@ impl Datapath {
                     flags: ALLOW_FLAG_DYNAMIC,
                     rules: array,
                 };
+                let fingerprint = fingerprint(&value);
+                if kernel_unchanged
+                    && self.installed_fqdn_addresses.get(&(workload, bytes))
+                        == Some(&Some(fingerprint))
+                {
+                    return Ok(());
+                }
+                self.before_write()?;
                 self.fqdn_addresses.insert(key, value, 0).map_err(|error| {
                     if capacity::is_full(&error) {
                         DatapathError::MapFull {
@@ -1197,15 +1217,26 @@ impl Datapath {
                         map_err("FQDN_ADDRESSES", "inserting")(error)
                     }
                 })?;
-                self.installed_fqdn_addresses.insert((workload, bytes));
+                self.installed_fqdn_addresses
+                    .insert((workload, bytes), Some(fingerprint));
             }
             None => {
+                self.before_write()?;
                 remove_ignoring_absent(self.fqdn_addresses.remove(&key))
                     .map_err(map_err("FQDN_ADDRESSES", "removing"))?;
                 self.installed_fqdn_addresses.remove(&(workload, bytes));
             }
         }
         Ok(())
+    }
+
+    /// Forgets which values the daemon wrote to learned addresses, so that each is written
+    /// again at its next update: for when the kernel may have changed entries through an
+    /// answer the daemon never read whole.
+    pub fn forget_fqdn_values(&mut self) {
+        for written in self.installed_fqdn_addresses.values_mut() {
+            *written = None;
+        }
     }
 
     /// Learned addresses in the kernel that the daemon never adopted (their answer was lost
@@ -1218,7 +1249,7 @@ impl Datapath {
                 let workload = u32::from_be_bytes(key.workload_be);
                 (!self
                     .installed_fqdn_addresses
-                    .contains(&(workload, key.addr)))
+                    .contains_key(&(workload, key.addr)))
                 .then(|| (workload, canonical_addr(key.addr)))
             })
             .collect()
@@ -1479,6 +1510,25 @@ fn union_len<K: Ord, V>(installed: &BTreeMap<K, V>, desired: &BTreeMap<K, V>) ->
             .keys()
             .filter(|key| !installed.contains_key(key))
             .count()
+}
+
+/// A fingerprint of an allow entry's value, to tell whether writing it would change the
+/// entry (never 0, so that `Option<NonZeroU64>` takes no more room than a `u64`).
+fn fingerprint(value: &AllowValue) -> NonZeroU64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    value.count.hash(&mut hasher);
+    value.flags.hash(&mut hasher);
+    for rule in &value.rules {
+        (
+            rule.port_first,
+            rule.port_last,
+            rule.protocol,
+            rule.reserved,
+        )
+            .hash(&mut hasher);
+    }
+    NonZeroU64::new(hasher.finish()).unwrap_or(NonZeroU64::MIN)
 }
 
 fn remove_ignoring_absent(result: Result<(), MapError>) -> Result<(), MapError> {

@@ -25,9 +25,9 @@ use egressd_common::{
     },
     event::{
         COUNTER_DNS_ANSWERS, COUNTER_DNS_DROPS, COUNTER_DNS_QUERIES_REFUSED, COUNTER_DNS_REJECTED,
-        COUNTER_FQDN_INSERT_FAILURES, COUNTER_FQDN_INSERTS, DNS_ANSWER_HEADER_LEN,
-        DNS_ANSWER_NAME_ALLOWED, DNS_ANSWER_TCP, DNS_PAYLOAD_MAX, DNS_QUERY_REFUSED,
-        DNS_QUERY_WOULD_REFUSE, DnsAnswer,
+        COUNTER_FQDN_INSERT_FAILURES, COUNTER_FQDN_INSERTS, DNS_ANSWER_ENTRIES_UNCHANGED,
+        DNS_ANSWER_HEADER_LEN, DNS_ANSWER_NAME_ALLOWED, DNS_ANSWER_TCP, DNS_PAYLOAD_MAX,
+        DNS_QUERY_REFUSED, DNS_QUERY_WOULD_REFUSE, DnsAnswer,
     },
     policy::{
         ALLOW_FLAG_DYNAMIC, AllowKey, AllowValue, MAX_PORT_RULES, MODE_AUDIT, MODE_STRICT,
@@ -549,23 +549,35 @@ fn load_matched_rules(workload: u32) -> bool {
     true
 }
 
+/// What [`allow_address`] did.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Allowed {
+    /// No room in the map.
+    Failed,
+    /// The entry held these rules already.
+    Held,
+    /// The entry was created or rules were added to it.
+    Written,
+}
+
 /// Allows the address of `scratch.answer_key` with the rules `load_matched_rules` left in
 /// `scratch.value`. Another name may already hold the address: its rules stay and these are
 /// added (the daemon rewrites the entry with the exact union right after it parses the answer).
 #[inline(always)]
-fn allow_address(scratch: &mut Scratch) -> bool {
+fn allow_address(scratch: &mut Scratch) -> Allowed {
     let value = &scratch.value;
     let key = &scratch.answer_key;
     let Some(existing) = FQDN_ADDRESSES.get_ptr_mut(key) else {
-        return FQDN_ADDRESSES
-            .insert(key, value, u64::from(BPF_NOEXIST))
-            .is_ok();
+        return match FQDN_ADDRESSES.insert(key, value, u64::from(BPF_NOEXIST)) {
+            Ok(()) => Allowed::Written,
+            Err(_) => Allowed::Failed,
+        };
     };
     // SAFETY: map value pointer; a racing writer at worst loses an append, which the daemon's
     // rewrite restores.
     let existing = unsafe { &mut *existing };
     if existing.count > 0 && value.count > 0 && existing.rules[0] == value.rules[0] {
-        return true;
+        return Allowed::Held;
     }
     let mut i = 0;
     while i < MAX_PORT_RULES {
@@ -579,16 +591,29 @@ fn allow_address(scratch: &mut Scratch) -> bool {
         existing.count += 1;
         i += 1;
     }
-    true
+    if i > 0 {
+        Allowed::Written
+    } else {
+        Allowed::Held
+    }
+}
+
+/// What [`allow_answers`] did: addresses allowed, and of those, entries created or changed.
+struct AnswerAllowed {
+    inserted: u32,
+    written: u32,
 }
 
 /// Walks the answer records after the question and allows every A/AAAA address. Owner names
 /// must be compressed (as resolvers send them); anything else stops the walk and is left to
 /// the daemon, which parses the whole answer. A bpf_loop walk (see `loops`).
 #[inline(always)]
-fn allow_answers(ctx: &SkBuffContext, offset: usize, answers: u16, workload: u32) -> u32 {
+fn allow_answers(ctx: &SkBuffContext, offset: usize, answers: u16, workload: u32) -> AnswerAllowed {
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
-        return 0;
+        return AnswerAllowed {
+            inserted: 0,
+            written: 0,
+        };
     };
     let mut walk = AnswerWalk {
         skb: ctx.skb.skb,
@@ -597,9 +622,13 @@ fn allow_answers(ctx: &SkBuffContext, offset: usize, answers: u16, workload: u32
         answers: u32::from(answers),
         workload,
         inserted: 0,
+        written: 0,
     };
     crate::loops::walk(MAX_ANSWER_RECORDS, answer_step, &mut walk);
-    walk.inserted
+    AnswerAllowed {
+        inserted: walk.inserted,
+        written: walk.written,
+    }
 }
 
 /// The context of [`allow_answers`]' walk.
@@ -612,6 +641,7 @@ struct AnswerWalk {
     answers: u32,
     workload: u32,
     inserted: u32,
+    written: u32,
 }
 
 /// Copies `N` bytes of the packet at `offset` into `dst`; false if the packet is shorter.
@@ -660,11 +690,15 @@ extern "C" fn answer_step(record: u32, context: *mut c_void) -> i64 {
         false
     };
     if loaded {
-        if allow_address(scratch) {
-            count(COUNTER_FQDN_INSERTS);
-            walk.inserted += 1;
-        } else {
-            count(COUNTER_FQDN_INSERT_FAILURES);
+        match allow_address(scratch) {
+            Allowed::Failed => count(COUNTER_FQDN_INSERT_FAILURES),
+            allowed => {
+                count(COUNTER_FQDN_INSERTS);
+                walk.inserted += 1;
+                if allowed == Allowed::Written {
+                    walk.written += 1;
+                }
+            }
         }
     }
     walk.offset = (data + length) as u64;
@@ -698,7 +732,7 @@ pub fn handle_answer(ctx: &SkBuffContext, parsed: &Parsed, sk: *mut c_void, work
         return;
     }
     let allowed = load_matched_rules(workload);
-    let inserted = if allowed {
+    let done = if allowed {
         // Question: name, type, class.
         allow_answers(
             ctx,
@@ -707,11 +741,17 @@ pub fn handle_answer(ctx: &SkBuffContext, parsed: &Parsed, sk: *mut c_void, work
             workload,
         )
     } else {
-        0
+        AnswerAllowed {
+            inserted: 0,
+            written: 0,
+        }
     };
     let mut flags = if allowed { DNS_ANSWER_NAME_ALLOWED } else { 0 };
     if parsed.flow.protocol == IPPROTO_TCP {
         flags |= DNS_ANSWER_TCP;
+    }
+    if done.written == 0 {
+        flags |= DNS_ANSWER_ENTRIES_UNCHANGED;
     }
     forward(
         ctx,
@@ -719,7 +759,7 @@ pub fn handle_answer(ctx: &SkBuffContext, parsed: &Parsed, sk: *mut c_void, work
         offset,
         workload,
         flags,
-        inserted,
+        done.inserted,
         &Creator::NONE,
     );
 }

@@ -62,6 +62,8 @@ pub struct Engine {
     unadopted: BTreeSet<(u32, IpAddr)>,
     /// When to look for them again.
     adoption: AdoptionCheck,
+    /// The kernel's count of lost answers at the last check.
+    answer_drops_seen: Option<u64>,
     /// Learned addresses found in adopted (pinned) maps, whose answers this daemon never saw:
     /// kept until min_ttl + grace after the start, unless an answer renews them.
     inherited_addresses: BTreeMap<(u32, IpAddr), Instant>,
@@ -98,6 +100,7 @@ impl Engine {
             dns_parse_failures: 0,
             unadopted: BTreeSet::new(),
             adoption: AdoptionCheck::new(),
+            answer_drops_seen: None,
             inherited_addresses: BTreeMap::new(),
             ids_path,
             limits: crate::limits::Limits::default(),
@@ -276,7 +279,7 @@ impl Engine {
         changed.extend(self.dns.set_rules(fqdn_rules(&workloads_with_ids, &ids)));
         self.resolvers = compiled.resolvers.clone();
         self.search_domains = compiled.dns_search_domains.clone();
-        self.store_addresses(&changed);
+        self.store_addresses(&changed, false);
         tracing::info!(
             policy = %policy.source.path.display(),
             sha256 = %policy.source.sha256,
@@ -336,20 +339,26 @@ impl Engine {
     /// An address the kernel has no room for is remembered, retried as the map frees up, and
     /// handled as `[limits] on_full` says. Returns whether the map was full.
     fn refresh_addresses(&mut self, keys: &[(u32, IpAddr)]) -> bool {
-        let full = self.store_addresses(keys);
+        self.refresh_addresses_after(keys, false)
+    }
+
+    /// [`Engine::refresh_addresses`] after an answer: `kernel_unchanged` as
+    /// `Datapath::set_fqdn_address` takes it.
+    fn refresh_addresses_after(&mut self, keys: &[(u32, IpAddr)], kernel_unchanged: bool) -> bool {
+        let full = self.store_addresses(keys, kernel_unchanged);
         self.sync_limit_modes();
         full
     }
 
     /// [`Engine::refresh_addresses`] without updating the modes that `[limits] on_full`
     /// sets: for `install`, whose caller does that once the new policy is in force.
-    fn store_addresses(&mut self, keys: &[(u32, IpAddr)]) -> bool {
+    fn store_addresses(&mut self, keys: &[(u32, IpAddr)], kernel_unchanged: bool) -> bool {
         let mut full = false;
         for &(workload, addr) in keys {
             let rules = self.dns.allowed_for(workload, addr);
             match self
                 .datapath
-                .set_fqdn_address(workload, addr, rules.as_deref())
+                .set_fqdn_address(workload, addr, rules.as_deref(), kernel_unchanged)
             {
                 Ok(()) => self.address_settled(workload, addr),
                 Err(DatapathError::MapFull { capacity, .. }) => {
@@ -486,13 +495,13 @@ impl Engine {
             return None;
         }
         if answer.message_len > answer.payload.len() {
-            self.adoption.answer_unread();
+            self.answer_unread();
         }
         let response = match parsed {
             Ok(response) => response,
             Err(e) => {
                 self.dns_parse_failures += 1;
-                self.adoption.answer_unread();
+                self.answer_unread();
                 // The kernel may have allowed addresses from it already: withdraw any the
                 // table does not hold for other answers.
                 if answer.name_allowed {
@@ -530,7 +539,7 @@ impl Engine {
             keys.sort_unstable();
             keys.dedup();
         }
-        self.refresh_addresses(&keys);
+        self.refresh_addresses_after(&keys, answer.entries_unchanged);
         if let Some(name) = &observation.allowed_name {
             tracing::debug!(
                 workload = answer.workload,
@@ -556,6 +565,33 @@ impl Engine {
             at: answer.time,
             outcome,
         })
+    }
+
+    /// If the kernel lost answers since the last check, the entries they changed are unknown:
+    /// every learned address is written again at its next update. Checked with the expiry
+    /// tick, not before each batch of answers: a system call per batch cost more than the
+    /// writes it saves, and until the next answer that names an address the entry stays as
+    /// the lost answer left it either way.
+    fn note_answer_drops(&mut self) -> Option<u64> {
+        let drops = match self.datapath.dns_answer_drops() {
+            Ok(drops) => Some(drops),
+            Err(e) => {
+                tracing::debug!("reading the count of lost DNS answers: {e}");
+                None
+            }
+        };
+        if drops.is_none() || drops != self.answer_drops_seen {
+            self.datapath.forget_fqdn_values();
+        }
+        self.answer_drops_seen = drops;
+        drops
+    }
+
+    /// An answer arrived cut or did not parse: the kernel may have allowed addresses from it
+    /// that the daemon cannot see, or changed entries it holds.
+    fn answer_unread(&mut self) {
+        self.adoption.answer_unread();
+        self.datapath.forget_fqdn_values();
     }
 
     /// Ends the addresses whose time is up, and removes learned addresses the kernel holds
@@ -592,13 +628,7 @@ impl Engine {
     /// walks in a row found them (the first may see an answer still on its way), when
     /// [`AdoptionCheck`] says they may be there.
     fn remove_unadopted(&mut self, now: Instant) {
-        let answer_drops = match self.datapath.dns_answer_drops() {
-            Ok(drops) => Some(drops),
-            Err(e) => {
-                tracing::debug!("reading the count of lost DNS answers: {e}");
-                None
-            }
-        };
+        let answer_drops = self.note_answer_drops();
         if !self
             .adoption
             .due(now, answer_drops, !self.unadopted.is_empty())
