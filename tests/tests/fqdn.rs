@@ -801,6 +801,58 @@ fn privileged_fqdn_answers_that_do_not_parse_grant_nothing() {
     );
 }
 
+/// An answer to `query` whose A record (`addr`) starts past the 2 KiB the daemon gets of
+/// each answer: a TXT record of nine 250-byte strings comes first.
+fn long_answer(query: &ReceivedQuery, addr: &str) -> Vec<u8> {
+    let mut message = wire::header(query.id, wire::RESPONSE, 1, 2);
+    message.extend(wire::question(&query.name, wire::TYPE_A));
+    let text: Vec<u8> = (0..9)
+        .flat_map(|_| std::iter::once(250u8).chain([b'x'; 250]))
+        .collect();
+    message.extend_from_slice(&wire::pointer(12));
+    message.extend(wire::record_tail(wire::TYPE_TXT, 300, &text));
+    assert!(
+        message.len() > 2048,
+        "the A record starts at {}",
+        message.len()
+    );
+    message.extend_from_slice(&wire::pointer(12));
+    message.extend(wire::record_tail(
+        wire::TYPE_A,
+        300,
+        &addr.parse::<Ipv4Addr>().expect("ip").octets(),
+    ));
+    message
+}
+
+/// The kernel's count of addresses it allowed straight from answers.
+fn kernel_inserts(daemon: &Daemon) -> u64 {
+    let report = daemon.dns();
+    report["stats"]["kernel_inserts"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("`dns --json` has no stats.kernel_inserts: {report}"))
+}
+
+/// Connects to `addr:port` until refused (bounded): what the daemon must take back.
+#[track_caller]
+fn assert_refused_within(daemon: &Daemon, cgroup: &TestCgroup, addr: &str, port: u16, what: &str) {
+    const TAKE_BACK_TIMEOUT: Duration = Duration::from_secs(10);
+    let started = Instant::now();
+    loop {
+        let result = connect(cgroup, addr, port);
+        if result.is_eperm() {
+            return;
+        }
+        assert!(
+            started.elapsed() < TAKE_BACK_TIMEOUT,
+            "{what}: {addr}:{port} still allowed after {TAKE_BACK_TIMEOUT:?}: {result}\ndns: {}\n{}",
+            daemon.dns(),
+            daemon.logs()
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// The daemon gets the first 2 KiB of an answer; the kernel walks all of it. An address past
 /// the daemon's copy is allowed by the kernel for a moment, then taken back by the daemon's
 /// check of the addresses it never adopted: a cut answer brings that check forward (it
@@ -808,8 +860,6 @@ fn privileged_fqdn_answers_that_do_not_parse_grant_nothing() {
 #[test]
 fn privileged_fqdn_an_address_past_the_daemons_copy_of_a_long_answer_is_taken_back() {
     const ADDR: &str = "127.0.70.1";
-    /// How long the daemon may take to take the address back.
-    const TAKE_BACK_TIMEOUT: Duration = Duration::from_secs(10);
     let cgroup = TestCgroup::new();
     let server = TcpServer::bind("0.0.0.0");
     let fake = FakeResolver::bind("127.0.53.24");
@@ -818,63 +868,85 @@ fn privileged_fqdn_an_address_past_the_daemons_copy_of_a_long_answer_is_taken_ba
         &[WorkloadSpec::new(PROBE, &cgroup).allow(tcp_rule("api.example.test", port))],
         &DnsSettings::resolvers(&[&fake.addr_str()]),
     ));
-    let kernel_inserts = || {
-        let report = daemon.dns();
-        report["stats"]["kernel_inserts"]
-            .as_u64()
-            .unwrap_or_else(|| panic!("`dns --json` has no stats.kernel_inserts: {report}"))
-    };
-    let inserts_before = kernel_inserts();
+    let inserts_before = kernel_inserts(&daemon);
 
     forged_exchange(&cgroup, &fake, "api.example.test", |query| {
-        let mut message = wire::header(query.id, wire::RESPONSE, 1, 2);
-        message.extend(wire::question(&query.name, wire::TYPE_A));
-        // A TXT record of nine 250-byte strings pushes the A record past 2 KiB.
-        let text: Vec<u8> = (0..9)
-            .flat_map(|_| std::iter::once(250u8).chain([b'x'; 250]))
-            .collect();
-        message.extend_from_slice(&wire::pointer(12));
-        message.extend(wire::record_tail(wire::TYPE_TXT, 300, &text));
-        assert!(
-            message.len() > 2048,
-            "the A record starts at {}",
-            message.len()
-        );
-        message.extend_from_slice(&wire::pointer(12));
-        message.extend(wire::record_tail(
-            wire::TYPE_A,
-            300,
-            &ADDR.parse::<Ipv4Addr>().expect("ip").octets(),
-        ));
-        fake.send(&message, query.from);
+        fake.send(&long_answer(query, ADDR), query.from);
     });
     // The kernel allowed it (else this test proves nothing).
-    let inserts_after = kernel_inserts();
+    let inserts_after = kernel_inserts(&daemon);
     assert!(
         inserts_after > inserts_before,
         "the kernel inserted no address from the long answer (kernel_inserts {inserts_before} → {inserts_after})\n{}",
         daemon.logs()
     );
 
-    let started = Instant::now();
-    loop {
-        let result = connect(&cgroup, ADDR, port);
-        if result.is_eperm() {
-            break;
-        }
-        assert!(
-            started.elapsed() < TAKE_BACK_TIMEOUT,
-            "{ADDR}, past the daemon's copy of the answer, still allowed after {TAKE_BACK_TIMEOUT:?}: {result}\ndns: {}\n{}",
-            daemon.dns(),
-            daemon.logs()
-        );
-        thread::sleep(Duration::from_millis(200));
-    }
+    assert_refused_within(
+        &daemon,
+        &cgroup,
+        ADDR,
+        port,
+        "an address past the daemon's copy of the answer",
+    );
     assert!(
         !lists_address(&daemon, ADDR),
         "the daemon lists {ADDR}: {}",
         daemon.dns()
     );
+}
+
+/// A long answer for one allowed name can make the kernel add that name's ports to the entry
+/// of an address the daemon holds for another name; the daemon, which cannot read the answer
+/// whole, writes the workload's held addresses again at once.
+#[test]
+fn privileged_fqdn_a_long_answer_does_not_add_its_ports_to_an_address_another_name_holds() {
+    const ADDR: &str = "127.0.70.2";
+    let cgroup = TestCgroup::new();
+    let api_server = TcpServer::bind("0.0.0.0");
+    let big_server = TcpServer::bind("0.0.0.0");
+    let fake = FakeResolver::bind("127.0.53.25");
+    let (api_port, big_port) = (api_server.port, big_server.port);
+    let daemon = Daemon::start(&strict_with_dns(
+        &[WorkloadSpec::new(PROBE, &cgroup)
+            .allow(tcp_rule("api.example.test", api_port))
+            .allow(tcp_rule("big.example.test", big_port))],
+        &DnsSettings::resolvers(&[&fake.addr_str()]),
+    ));
+    forged_exchange(&cgroup, &fake, "api.example.test", |query| {
+        fake.send(
+            &answer_bytes(
+                query.id,
+                "api.example.test",
+                RecordType::A,
+                &[AnswerRecord::address("api.example.test", 300, ADDR)],
+            ),
+            query.from,
+        );
+    });
+    wait_for_names(&daemon, &format!("api.example.test → {ADDR}"), |names| {
+        names.iter().any(|(_, addresses)| *addresses == [ADDR])
+    });
+    connect(&cgroup, ADDR, api_port).assert_ok("api.example.test's address on its port");
+    connect(&cgroup, ADDR, big_port).assert_eperm("api.example.test's address on another port");
+
+    let inserts_before = kernel_inserts(&daemon);
+    forged_exchange(&cgroup, &fake, "big.example.test", |query| {
+        fake.send(&long_answer(query, ADDR), query.from);
+    });
+    let inserts_after = kernel_inserts(&daemon);
+    assert!(
+        inserts_after > inserts_before,
+        "the kernel allowed nothing from the long answer (kernel_inserts {inserts_before} → {inserts_after})\n{}",
+        daemon.logs()
+    );
+    assert_refused_within(
+        &daemon,
+        &cgroup,
+        ADDR,
+        big_port,
+        "big.example.test's port on api.example.test's address",
+    );
+    connect(&cgroup, ADDR, api_port).assert_ok("api.example.test's address keeps its port");
 }
 
 #[test]

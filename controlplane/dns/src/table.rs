@@ -448,6 +448,17 @@ impl FqdnTable {
             .collect()
     }
 
+    /// The addresses allowed names hold for `workload`.
+    pub fn addresses_of(&self, workload: u32) -> Vec<IpAddr> {
+        let first = (workload, IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+        let last = (workload, IpAddr::V6(std::net::Ipv6Addr::from(u128::MAX)));
+        self.index
+            .holders
+            .range(first..=last)
+            .map(|(&(_, addr), _)| addr)
+            .collect()
+    }
+
     /// The allow entry of one (workload, address), `None` if no allowed name holds it.
     pub fn allowed_for(&self, workload: u32, addr: IpAddr) -> Option<PortRules> {
         let addr = canonical_ip(addr);

@@ -1004,3 +1004,27 @@ fn name_text_writes_plain_names_as_hickory_does() {
         );
     }
 }
+
+#[test]
+fn addresses_of_lists_one_workloads_held_addresses_of_both_families() {
+    const OTHER: u32 = W + 1;
+    let mut t = table(vec![
+        rule(W, "api.vendor.com", &[443], Protocol::Tcp),
+        rule(OTHER, "api.vendor.com", &[443], Protocol::Tcp),
+    ]);
+    let start = Instant::now();
+    let v6: IpAddr = "2001:db8::9".parse().expect("ip");
+    t.observe(
+        W,
+        &answer("api.vendor.com", &[(100, v4(203, 0, 113, 9)), (100, v6)]),
+        start,
+    );
+    t.observe(
+        OTHER,
+        &answer("api.vendor.com", &[(100, v4(203, 0, 113, 10))]),
+        start,
+    );
+    assert_eq!(t.addresses_of(W), vec![v4(203, 0, 113, 9), v6]);
+    assert_eq!(t.addresses_of(OTHER), vec![v4(203, 0, 113, 10)]);
+    assert_eq!(t.addresses_of(OTHER + 1), Vec::<IpAddr>::new());
+}

@@ -494,14 +494,13 @@ impl Engine {
         if answer.refused_query.is_some() {
             return None;
         }
-        if answer.message_len > answer.payload.len() {
-            self.answer_unread();
+        if answer.message_len > answer.payload.len() || parsed.is_err() {
+            self.answer_unread(answer);
         }
         let response = match parsed {
             Ok(response) => response,
             Err(e) => {
                 self.dns_parse_failures += 1;
-                self.answer_unread();
                 // The kernel may have allowed addresses from it already: withdraw any the
                 // table does not hold for other answers.
                 if answer.name_allowed {
@@ -588,10 +587,21 @@ impl Engine {
     }
 
     /// An answer arrived cut or did not parse: the kernel may have allowed addresses from it
-    /// that the daemon cannot see, or changed entries it holds.
-    fn answer_unread(&mut self) {
+    /// that the daemon cannot see (the next check of unadopted addresses takes them back),
+    /// or added its rules to entries of addresses the daemon holds for other names: those of
+    /// its workload are written again now.
+    fn answer_unread(&mut self, answer: &DnsAnswer) {
         self.adoption.answer_unread();
         self.datapath.forget_fqdn_values();
+        if answer.inserted > 0 {
+            let held: Vec<(u32, IpAddr)> = self
+                .dns
+                .addresses_of(answer.workload)
+                .into_iter()
+                .map(|addr| (answer.workload, addr))
+                .collect();
+            self.refresh_addresses(&held);
+        }
     }
 
     /// Ends the addresses whose time is up, and removes learned addresses the kernel holds
