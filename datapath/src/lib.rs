@@ -380,8 +380,11 @@ pub struct Datapath {
     installed_resolvers: BTreeSet<[u8; 16]>,
     /// Learned addresses the daemon wrote (the kernel may hold more, briefly, from answers the
     /// daemon has not read yet), each with the fingerprint of the value it wrote last, `None`
-    /// when unknown (found in the map, or forgotten: see `forget_fqdn_values`).
+    /// when unknown (found in the map).
     installed_fqdn_addresses: BTreeMap<(u32, [u8; 16]), Option<NonZeroU64>>,
+    /// Mixed into those fingerprints; changed to forget them all at once
+    /// (`forget_fqdn_values`).
+    fqdn_value_salt: u64,
     /// Learned addresses carried over from another layout's pins at load.
     migrated_fqdn_addresses: usize,
     settings: Settings,
@@ -587,6 +590,7 @@ impl Datapath {
                 .into_iter()
                 .map(|key| (key, None))
                 .collect(),
+            fqdn_value_salt: 0,
             settings,
             capacity,
         };
@@ -1199,7 +1203,7 @@ impl Datapath {
                     flags: ALLOW_FLAG_DYNAMIC,
                     rules: array,
                 };
-                let fingerprint = fingerprint(&value);
+                let fingerprint = fingerprint(&value, self.fqdn_value_salt);
                 if kernel_unchanged
                     && self.installed_fqdn_addresses.get(&(workload, bytes))
                         == Some(&Some(fingerprint))
@@ -1232,11 +1236,10 @@ impl Datapath {
 
     /// Forgets which values the daemon wrote to learned addresses, so that each is written
     /// again at its next update: for when the kernel may have changed entries through an
-    /// answer the daemon never read whole.
+    /// answer the daemon never read whole. Constant time: a workload can send such answers
+    /// as often as it likes.
     pub fn forget_fqdn_values(&mut self) {
-        for written in self.installed_fqdn_addresses.values_mut() {
-            *written = None;
-        }
+        self.fqdn_value_salt = self.fqdn_value_salt.wrapping_add(1);
     }
 
     /// Learned addresses in the kernel that the daemon never adopted (their answer was lost
@@ -1513,10 +1516,12 @@ fn union_len<K: Ord, V>(installed: &BTreeMap<K, V>, desired: &BTreeMap<K, V>) ->
 }
 
 /// A fingerprint of an allow entry's value, to tell whether writing it would change the
-/// entry (never 0, so that `Option<NonZeroU64>` takes no more room than a `u64`).
-fn fingerprint(value: &AllowValue) -> NonZeroU64 {
+/// entry (never 0, so that `Option<NonZeroU64>` takes no more room than a `u64`). `salt`
+/// makes every earlier fingerprint a stranger when it changes.
+fn fingerprint(value: &AllowValue, salt: u64) -> NonZeroU64 {
     use std::hash::{Hash as _, Hasher as _};
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    salt.hash(&mut hasher);
     value.count.hash(&mut hasher);
     value.flags.hash(&mut hasher);
     for rule in &value.rules {

@@ -897,7 +897,7 @@ fn privileged_fqdn_an_address_past_the_daemons_copy_of_a_long_answer_is_taken_ba
 
 /// A long answer for one allowed name can make the kernel add that name's ports to the entry
 /// of an address the daemon holds for another name; the daemon, which cannot read the answer
-/// whole, writes the workload's held addresses again at once.
+/// whole, writes the workload's held addresses again at its next tick (within half a second).
 #[test]
 fn privileged_fqdn_a_long_answer_does_not_add_its_ports_to_an_address_another_name_holds() {
     const ADDR: &str = "127.0.70.2";

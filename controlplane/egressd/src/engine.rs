@@ -64,6 +64,9 @@ pub struct Engine {
     adoption: AdoptionCheck,
     /// The kernel's count of lost answers at the last check.
     answer_drops_seen: Option<u64>,
+    /// Workloads whose learned addresses are written again at the next expiry tick: an answer
+    /// the daemon could not read whole may have added ports to them.
+    rewrite_learned: BTreeSet<u32>,
     /// Learned addresses found in adopted (pinned) maps, whose answers this daemon never saw:
     /// kept until min_ttl + grace after the start, unless an answer renews them.
     inherited_addresses: BTreeMap<(u32, IpAddr), Instant>,
@@ -101,6 +104,7 @@ impl Engine {
             unadopted: BTreeSet::new(),
             adoption: AdoptionCheck::new(),
             answer_drops_seen: None,
+            rewrite_learned: BTreeSet::new(),
             inherited_addresses: BTreeMap::new(),
             ids_path,
             limits: crate::limits::Limits::default(),
@@ -589,18 +593,13 @@ impl Engine {
     /// An answer arrived cut or did not parse: the kernel may have allowed addresses from it
     /// that the daemon cannot see (the next check of unadopted addresses takes them back),
     /// or added its rules to entries of addresses the daemon holds for other names: those of
-    /// its workload are written again now.
+    /// its workload are written again at the next tick (once per tick however many such
+    /// answers come: a workload can make its resolver send them).
     fn answer_unread(&mut self, answer: &DnsAnswer) {
         self.adoption.answer_unread();
         self.datapath.forget_fqdn_values();
         if answer.inserted > 0 {
-            let held: Vec<(u32, IpAddr)> = self
-                .dns
-                .addresses_of(answer.workload)
-                .into_iter()
-                .map(|addr| (answer.workload, addr))
-                .collect();
-            self.refresh_addresses(&held);
+            self.rewrite_learned.insert(answer.workload);
         }
     }
 
@@ -621,6 +620,15 @@ impl Engine {
         }
         // Those the table holds now (renewed by an answer) stay, with the table's rules.
         self.refresh_addresses(&inherited_expired);
+        for workload in std::mem::take(&mut self.rewrite_learned) {
+            let held: Vec<(u32, IpAddr)> = self
+                .dns
+                .addresses_of(workload)
+                .into_iter()
+                .map(|addr| (workload, addr))
+                .collect();
+            self.refresh_addresses(&held);
+        }
         self.remove_unadopted(now);
         // Learned addresses that found no room: try again as the map frees up, a bounded
         // number per check, stopping at the first that still finds none.
