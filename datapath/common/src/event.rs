@@ -106,8 +106,8 @@ pub const DNS_QUERY_REFUSED: u16 = 1 << 2;
 /// `DnsAnswer::flags`: such a query in audit mode: sent, but strict mode would refuse it.
 pub const DNS_QUERY_WOULD_REFUSE: u16 = 1 << 3;
 /// `DnsAnswer::flags`: the kernel created or changed no allow entry for this answer (every
-/// address it allowed was held with these rules already). Set, not cleared, so that programs
-/// of a build without it never let the daemon skip a rewrite.
+/// address it allowed was held with these rules already). It says "unchanged", not
+/// "changed", so that programs of a build without it never let the daemon skip a rewrite.
 pub const DNS_ANSWER_ENTRIES_UNCHANGED: u16 = 1 << 4;
 
 /// A DNS answer (UDP from port 53) received by a socket of a workload, for userspace to parse.
