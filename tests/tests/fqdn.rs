@@ -314,6 +314,29 @@ fn privileged_fqdn_addresses_expire_but_established_connections_stay() {
 
 /// The probe queries a fake resolver the test plays; the test learns the socket and id
 /// from the query, has `send` forge an answer, and returns what the probe received.
+/// A strict workload allowed `api.example.test` on the port of the server, resolving through
+/// the fake resolver at `resolver`: what the tests of forged and malformed answers start from.
+/// Bound in this order, the daemon stops first and the cgroup goes last.
+fn one_name(resolver: &str) -> (TestCgroup, TcpServer, FakeResolver, Daemon) {
+    let cgroup = TestCgroup::new();
+    let server = TcpServer::bind("0.0.0.0");
+    let fake = FakeResolver::bind(resolver);
+    let daemon = Daemon::start(&strict_with_dns(
+        &[WorkloadSpec::new(PROBE, &cgroup).allow(tcp_rule("api.example.test", server.port))],
+        &DnsSettings::resolvers(&[&fake.addr_str()]),
+    ));
+    (cgroup, server, fake, daemon)
+}
+
+/// `fake` answers `query` with one A record, `addr`, for 300 s.
+fn answer_address(fake: &FakeResolver, query: &ReceivedQuery, addr: &str) {
+    let records = [AnswerRecord::address(&query.name, 300, addr)];
+    fake.send(
+        &answer_bytes(query.id, &query.name, RecordType::A, &records),
+        query.from,
+    );
+}
+
 fn forged_exchange(
     cgroup: &TestCgroup,
     resolver: &FakeResolver,
@@ -688,14 +711,8 @@ const UNPARSABLE_MESSAGES: usize = 3;
 
 #[test]
 fn privileged_fqdn_malformed_answers_grant_nothing_and_the_daemon_survives() {
-    let cgroup = TestCgroup::new();
-    let server = TcpServer::bind("0.0.0.0");
-    let fake = FakeResolver::bind("127.0.53.20");
+    let (cgroup, server, fake, daemon) = one_name("127.0.53.20");
     let port = server.port;
-    let daemon = Daemon::start(&strict_with_dns(
-        &[WorkloadSpec::new(PROBE, &cgroup).allow(tcp_rule("api.example.test", port))],
-        &DnsSettings::resolvers(&[&fake.addr_str()]),
-    ));
 
     let mut sent = Vec::new();
     for index in 0..REFUSED_MESSAGES {
@@ -727,19 +744,7 @@ fn privileged_fqdn_malformed_answers_grant_nothing_and_the_daemon_survives() {
 
     // The daemon still learns from a good answer.
     forged_exchange(&cgroup, &fake, "api.example.test", |query| {
-        fake.send(
-            &answer_bytes(
-                query.id,
-                "api.example.test",
-                RecordType::A,
-                &[AnswerRecord::address(
-                    "api.example.test",
-                    300,
-                    "127.0.66.100",
-                )],
-            ),
-            query.from,
-        );
+        answer_address(&fake, query, "127.0.66.100");
     });
     connect(&cgroup, "127.0.66.100", port).assert_ok("a good answer after the malformed ones");
     wait_for_names(&daemon, "api.example.test → 127.0.66.100", |names| {
@@ -753,14 +758,8 @@ fn privileged_fqdn_malformed_answers_grant_nothing_and_the_daemon_survives() {
 /// not parse as a whole, grants nothing: not even until the daemon's next sweep.
 #[test]
 fn privileged_fqdn_answers_that_do_not_parse_grant_nothing() {
-    let cgroup = TestCgroup::new();
-    let server = TcpServer::bind("0.0.0.0");
-    let fake = FakeResolver::bind("127.0.53.21");
+    let (cgroup, server, fake, daemon) = one_name("127.0.53.21");
     let port = server.port;
-    let daemon = Daemon::start(&strict_with_dns(
-        &[WorkloadSpec::new(PROBE, &cgroup).allow(tcp_rule("api.example.test", port))],
-        &DnsSettings::resolvers(&[&fake.addr_str()]),
-    ));
 
     let mut failures = Vec::new();
     for index in 0..UNPARSABLE_MESSAGES {
@@ -833,6 +832,27 @@ fn kernel_inserts(daemon: &Daemon) -> u64 {
         .unwrap_or_else(|| panic!("`dns --json` has no stats.kernel_inserts: {report}"))
 }
 
+/// The workload asks `name`; `fake` answers with [`long_answer`] for `addr`, which the
+/// kernel must have allowed (else the test that sends it proves nothing).
+fn send_long_answer(
+    daemon: &Daemon,
+    cgroup: &TestCgroup,
+    fake: &FakeResolver,
+    name: &str,
+    addr: &str,
+) {
+    let before = kernel_inserts(daemon);
+    forged_exchange(cgroup, fake, name, |query| {
+        fake.send(&long_answer(query, addr), query.from);
+    });
+    let after = kernel_inserts(daemon);
+    assert!(
+        after > before,
+        "the kernel allowed nothing from the long answer for {name} (kernel_inserts {before} → {after})\n{}",
+        daemon.logs()
+    );
+}
+
 /// Connects to `addr:port` until refused (bounded): what the daemon must take back.
 #[track_caller]
 fn assert_refused_within(daemon: &Daemon, cgroup: &TestCgroup, addr: &str, port: u16, what: &str) {
@@ -860,27 +880,9 @@ fn assert_refused_within(daemon: &Daemon, cgroup: &TestCgroup, addr: &str, port:
 #[test]
 fn privileged_fqdn_an_address_past_the_daemons_copy_of_a_long_answer_is_taken_back() {
     const ADDR: &str = "127.0.70.1";
-    let cgroup = TestCgroup::new();
-    let server = TcpServer::bind("0.0.0.0");
-    let fake = FakeResolver::bind("127.0.53.24");
+    let (cgroup, server, fake, daemon) = one_name("127.0.53.24");
     let port = server.port;
-    let daemon = Daemon::start(&strict_with_dns(
-        &[WorkloadSpec::new(PROBE, &cgroup).allow(tcp_rule("api.example.test", port))],
-        &DnsSettings::resolvers(&[&fake.addr_str()]),
-    ));
-    let inserts_before = kernel_inserts(&daemon);
-
-    forged_exchange(&cgroup, &fake, "api.example.test", |query| {
-        fake.send(&long_answer(query, ADDR), query.from);
-    });
-    // The kernel allowed it (else this test proves nothing).
-    let inserts_after = kernel_inserts(&daemon);
-    assert!(
-        inserts_after > inserts_before,
-        "the kernel inserted no address from the long answer (kernel_inserts {inserts_before} → {inserts_after})\n{}",
-        daemon.logs()
-    );
-
+    send_long_answer(&daemon, &cgroup, &fake, "api.example.test", ADDR);
     assert_refused_within(
         &daemon,
         &cgroup,
@@ -913,15 +915,7 @@ fn privileged_fqdn_a_long_answer_does_not_add_its_ports_to_an_address_another_na
         &DnsSettings::resolvers(&[&fake.addr_str()]),
     ));
     forged_exchange(&cgroup, &fake, "api.example.test", |query| {
-        fake.send(
-            &answer_bytes(
-                query.id,
-                "api.example.test",
-                RecordType::A,
-                &[AnswerRecord::address("api.example.test", 300, ADDR)],
-            ),
-            query.from,
-        );
+        answer_address(&fake, query, ADDR);
     });
     wait_for_names(&daemon, &format!("api.example.test → {ADDR}"), |names| {
         names.iter().any(|(_, addresses)| *addresses == [ADDR])
@@ -929,16 +923,7 @@ fn privileged_fqdn_a_long_answer_does_not_add_its_ports_to_an_address_another_na
     connect(&cgroup, ADDR, api_port).assert_ok("api.example.test's address on its port");
     connect(&cgroup, ADDR, big_port).assert_eperm("api.example.test's address on another port");
 
-    let inserts_before = kernel_inserts(&daemon);
-    forged_exchange(&cgroup, &fake, "big.example.test", |query| {
-        fake.send(&long_answer(query, ADDR), query.from);
-    });
-    let inserts_after = kernel_inserts(&daemon);
-    assert!(
-        inserts_after > inserts_before,
-        "the kernel allowed nothing from the long answer (kernel_inserts {inserts_before} → {inserts_after})\n{}",
-        daemon.logs()
-    );
+    send_long_answer(&daemon, &cgroup, &fake, "big.example.test", ADDR);
     assert_refused_within(
         &daemon,
         &cgroup,
