@@ -20,10 +20,11 @@ pub const BACKSTOP: Duration = Duration::from_secs(30);
 pub struct AdoptionCheck {
     /// The last walk; `None` before the first.
     last_walk: Option<Instant>,
-    /// The kernel's count of lost answers at the last walk.
+    /// The kernel's count of lost answers when last read.
     answer_drops: Option<u64>,
-    /// An answer the daemon could not read whole arrived since the last walk.
-    answer_unread: bool,
+    /// An answer was lost, or arrived that the daemon could not read whole, since the last
+    /// walk.
+    answer_missed: bool,
 }
 
 impl Default for AdoptionCheck {
@@ -38,36 +39,37 @@ impl AdoptionCheck {
         AdoptionCheck {
             last_walk: None,
             answer_drops: None,
-            answer_unread: false,
+            answer_missed: false,
         }
     }
 
     /// An answer arrived cut, or did not parse: the kernel may hold addresses of it that the
     /// daemon cannot know.
     pub fn answer_unread(&mut self) {
-        self.answer_unread = true;
+        self.answer_missed = true;
     }
 
-    /// Whether to walk now, and if so it counts as done. `answer_drops` is the kernel's count
-    /// of lost answers (`None` when it could not be read: then every check walks);
-    /// `awaiting_second_sighting` says the last walk found unadopted addresses.
-    pub fn due(
-        &mut self,
-        now: Instant,
-        answer_drops: Option<u64>,
-        awaiting_second_sighting: bool,
-    ) -> bool {
-        let due = self.answer_unread
+    /// The kernel's count of lost answers, read at each check (`None` when it could not be
+    /// read: then every check walks). Whether answers may have been lost since it was last
+    /// read: then the next check walks.
+    pub fn note_answer_drops(&mut self, answer_drops: Option<u64>) -> bool {
+        let lost = answer_drops.is_none() || answer_drops != self.answer_drops;
+        self.answer_drops = answer_drops;
+        self.answer_missed |= lost;
+        lost
+    }
+
+    /// Whether to walk now, and if so it counts as done. `awaiting_second_sighting` says the
+    /// last walk found unadopted addresses.
+    pub fn due(&mut self, now: Instant, awaiting_second_sighting: bool) -> bool {
+        let due = self.answer_missed
             || awaiting_second_sighting
-            || answer_drops.is_none()
-            || answer_drops != self.answer_drops
             || self
                 .last_walk
                 .is_none_or(|last| now.saturating_duration_since(last) >= BACKSTOP);
         if due {
             self.last_walk = Some(now);
-            self.answer_drops = answer_drops;
-            self.answer_unread = false;
+            self.answer_missed = false;
         }
         due
     }
@@ -79,10 +81,24 @@ mod tests {
 
     const TICK: Duration = Duration::from_millis(500);
 
+    /// One check as the daemon makes it: the count of lost answers, then whether to walk.
+    fn tick(
+        check: &mut AdoptionCheck,
+        now: Instant,
+        answer_drops: Option<u64>,
+        awaiting_second_sighting: bool,
+    ) -> bool {
+        check.note_answer_drops(answer_drops);
+        check.due(now, awaiting_second_sighting)
+    }
+
     /// A check that has walked once, at `start`, with no answer lost.
     fn walked_once(start: Instant) -> AdoptionCheck {
         let mut check = AdoptionCheck::new();
-        assert!(check.due(start, Some(0), false), "the first check walks");
+        assert!(
+            tick(&mut check, start, Some(0), false),
+            "the first check walks"
+        );
         check
     }
 
@@ -91,9 +107,9 @@ mod tests {
         let start = Instant::now();
         let mut check = walked_once(start);
         let mut walks = Vec::new();
-        for tick in 1..=70u32 {
-            if check.due(start + TICK * tick, Some(0), false) {
-                walks.push(tick);
+        for n in 1..=70u32 {
+            if tick(&mut check, start + TICK * n, Some(0), false) {
+                walks.push(n);
             }
         }
         // 30 s of 0.5 s ticks: the 60th, then the 120th (outside the range).
@@ -104,12 +120,15 @@ mod tests {
     fn a_lost_answer_brings_the_walk_forward_once() {
         let start = Instant::now();
         let mut check = walked_once(start);
-        assert!(!check.due(start + TICK, Some(0), false));
+        assert!(!tick(&mut check, start + TICK, Some(0), false));
         assert!(
-            check.due(start + TICK * 2, Some(3), false),
+            tick(&mut check, start + TICK * 2, Some(3), false),
             "3 answers lost"
         );
-        assert!(!check.due(start + TICK * 3, Some(3), false), "no new loss");
+        assert!(
+            !tick(&mut check, start + TICK * 3, Some(3), false),
+            "no new loss"
+        );
     }
 
     #[test]
@@ -117,29 +136,29 @@ mod tests {
         let start = Instant::now();
         let mut check = walked_once(start);
         check.answer_unread();
-        assert!(check.due(start + TICK, Some(0), false));
-        assert!(!check.due(start + TICK * 2, Some(0), false));
+        assert!(tick(&mut check, start + TICK, Some(0), false));
+        assert!(!tick(&mut check, start + TICK * 2, Some(0), false));
     }
 
     #[test]
     fn found_addresses_are_looked_at_again_at_the_next_tick() {
         let start = Instant::now();
         let mut check = walked_once(start);
-        assert!(check.due(start + TICK, Some(0), true));
-        assert!(check.due(start + TICK * 2, Some(0), true));
-        assert!(!check.due(start + TICK * 3, Some(0), false));
+        assert!(tick(&mut check, start + TICK, Some(0), true));
+        assert!(tick(&mut check, start + TICK * 2, Some(0), true));
+        assert!(!tick(&mut check, start + TICK * 3, Some(0), false));
     }
 
     #[test]
     fn an_unreadable_counter_walks_every_time() {
         let start = Instant::now();
         let mut check = walked_once(start);
-        assert!(check.due(start + TICK, None, false));
-        assert!(check.due(start + TICK * 2, None, false));
+        assert!(tick(&mut check, start + TICK, None, false));
+        assert!(tick(&mut check, start + TICK * 2, None, false));
         assert!(
-            check.due(start + TICK * 3, Some(0), false),
+            tick(&mut check, start + TICK * 3, Some(0), false),
             "the count is known again: compared with the last known one"
         );
-        assert!(!check.due(start + TICK * 4, Some(0), false));
+        assert!(!tick(&mut check, start + TICK * 4, Some(0), false));
     }
 }

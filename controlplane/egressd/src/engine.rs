@@ -62,8 +62,6 @@ pub struct Engine {
     unadopted: BTreeSet<(u32, IpAddr)>,
     /// When to look for them again.
     adoption: AdoptionCheck,
-    /// The kernel's count of lost answers at the last check.
-    answer_drops_seen: Option<u64>,
     /// Workloads whose learned addresses are written again at the next expiry tick: an answer
     /// the daemon could not read whole may have added ports to them.
     rewrite_learned: BTreeSet<u32>,
@@ -103,7 +101,6 @@ impl Engine {
             dns_parse_failures: 0,
             unadopted: BTreeSet::new(),
             adoption: AdoptionCheck::new(),
-            answer_drops_seen: None,
             rewrite_learned: BTreeSet::new(),
             inherited_addresses: BTreeMap::new(),
             ids_path,
@@ -575,7 +572,7 @@ impl Engine {
     /// tick, not before each batch of answers: a system call per batch cost more than the
     /// writes it saves, and until the next answer that names an address the entry stays as
     /// the lost answer left it either way.
-    fn note_answer_drops(&mut self) -> Option<u64> {
+    fn note_answer_drops(&mut self) {
         let drops = match self.datapath.dns_answer_drops() {
             Ok(drops) => Some(drops),
             Err(e) => {
@@ -583,11 +580,9 @@ impl Engine {
                 None
             }
         };
-        if drops.is_none() || drops != self.answer_drops_seen {
+        if self.adoption.note_answer_drops(drops) {
             self.datapath.forget_fqdn_values();
         }
-        self.answer_drops_seen = drops;
-        drops
     }
 
     /// An answer arrived cut or did not parse: the kernel may have allowed addresses from it
@@ -646,11 +641,8 @@ impl Engine {
     /// walks in a row found them (the first may see an answer still on its way), when
     /// [`AdoptionCheck`] says they may be there.
     fn remove_unadopted(&mut self, now: Instant) {
-        let answer_drops = self.note_answer_drops();
-        if !self
-            .adoption
-            .due(now, answer_drops, !self.unadopted.is_empty())
-        {
+        self.note_answer_drops();
+        if !self.adoption.due(now, !self.unadopted.is_empty()) {
             return;
         }
         let unadopted: BTreeSet<(u32, IpAddr)> = self
